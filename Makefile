@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?= data/synthetic
+TASKS ?= va expr au
+DEMO ?= reports/demo
 
 .PHONY: install demo test test-nbs test-py check export clean-nbs readme reports
 
@@ -16,16 +18,23 @@ $(VENV)/.installed: settings.ini setup.py
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+# The main job: the experiment notebook on the built-in synthetic Aff-Wild2, once per task, into $(DEMO)/<task>/.
 demo: install
-	$(BIN)/affect-synth $(DATA) --summary
+	for t in $(TASKS); do \
+	  mkdir -p $(DEMO)/$$t && \
+	  $(BIN)/papermill nbs/experiments/train.ipynb $(DEMO)/$$t/train.ipynb --cwd nbs/experiments \
+	    -f nbs/experiments/params/demo.yaml -p task $$t -p out_dir $(abspath $(DEMO))/$$t || exit 1; \
+	done
+	$(BIN)/python -c "import json,sys; [print(t, json.load(open('$(DEMO)/'+t+'/metrics.json'))['P']) for t in sys.argv[1:]]" $(TASKS)
 
 test: install test-nbs test-py
 
+# One torch thread per worker: two workers on two cores, no oversubscription.
 test-nbs:
-	$(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
 test-py:
-	$(BIN)/python -m pytest -n 2 tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --durations=10 tests
 
 export:
 	$(BIN)/nbdev_export
