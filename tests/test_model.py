@@ -55,6 +55,46 @@ def test_fully_padded_row_has_finite_gradients():
     assert all(p.grad.isfinite().all() for p in m.parameters() if p.grad is not None)
 
 
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_unseen_frames_are_not_read_but_predicted(fast):
+    m = tiny("va").eval()
+    x = torch.randn(3, 10, 6)
+    pad = torch.zeros(3, 10, dtype=torch.bool); pad[1, 7:] = True
+    unseen = torch.zeros(3, 10, dtype=torch.bool); unseen[0, [2, 5]] = True; unseen[1, 5:] = True; unseen[2] = True
+    with torch.set_grad_enabled(not fast):
+        out = m(x, pad, unseen)
+        garbage = x.clone(); garbage[unseen] = float("nan"); garbage[0, 2] = float("inf")
+        torch.testing.assert_close(m(garbage, pad, unseen), out, atol=0, rtol=0)
+        # trailing unseen frames leave the others as if the sequence stopped before them (padding would do the same)
+        torch.testing.assert_close(out[1, :5], m(x[1:2, :5])[0], atol=1e-5, rtol=1e-5)
+        # a frame's output moves with its neighbours, whether it is unseen or not
+        nudged = x.clone(); nudged[0, 3] += 1.0; nudged[2, 3] += 1.0
+        moved = (m(nudged, pad, unseen) - out).abs()
+    assert out.isfinite().all() and (out[pad] == 0).all() and (out[unseen & ~pad].abs() > 0).all()
+    assert moved[0, 2].max() > 1e-4 and moved[0, 5].max() > 1e-4
+    assert moved[2].max() == 0, "a row with every frame unseen reads no input: its outputs come from the positions alone"
+
+
+def test_unseen_frames_get_no_gradient_and_finite_ones_elsewhere():
+    m = tiny("au").train()
+    x = torch.randn(3, 10, 6, requires_grad=True)
+    pad = torch.zeros(3, 10, dtype=torch.bool); pad[1, 8:] = True
+    unseen = torch.zeros(3, 10, dtype=torch.bool); unseen[0, 4] = True; unseen[1, :8] = True; unseen[2] = True
+    out = m(x, pad, unseen)
+    out.sum().backward()
+    assert out.isfinite().all() and (out[1, 8:] == 0).all()
+    assert (x.grad[unseen | pad] == 0).all() and (x.grad[0, [3, 5]].abs() > 0).all()
+    assert all(p.grad.isfinite().all() for p in m.parameters() if p.grad is not None)
+
+
+def test_no_unseen_frame_is_the_same_as_no_unseen_mask():
+    m = tiny("expr").eval()
+    x, pad = torch.randn(2, 9, 6), torch.zeros(2, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    assert torch.equal(m(x, pad, torch.zeros_like(pad)), m(x, pad))
+    assert torch.equal(m(x, unseen_mask=pad)[1], m(x)[1])
+
 def test_sinusoidal_table_formula():
     d, T = 10, 30
     pe = sinusoidal_positions(T, d)
@@ -97,7 +137,9 @@ def test_errors():
     m = tiny("va")
     with pytest.raises(ValueError, match="longer than max_len=40"): m(torch.randn(1, 41, 6))
     with pytest.raises(ValueError, match="in_dim=6"): m(torch.randn(1, 5, 7))
-    with pytest.raises(ValueError, match="bool tensor"): m(torch.randn(1, 5, 6), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="padding_mask must be a bool tensor"): m(torch.randn(1, 5, 6), torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"unseen_mask must be a bool tensor of shape \(B, T\) = \(1, 5\)"):
+        m(torch.randn(1, 5, 6), unseen_mask=torch.zeros(1, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown task"): task_head("valence")
     with pytest.raises(ValueError, match="pos must be one of"): TemporalTransformer(6, 2, **{**TINY, "pos": "rotary"})
     with pytest.raises(ValueError, match="activation"): TemporalTransformer(6, 2, activation="sigmoid", **TINY)
