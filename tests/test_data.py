@@ -1,6 +1,5 @@
 """Bad input, odd layouts and edge cases of the Aff-Wild2 reader (`affect_nb.data`), on tiny trees written here."""
 import os
-import time
 from pathlib import Path
 
 import matplotlib
@@ -86,9 +85,7 @@ def test_bad_line_counts_the_others(tmp_path):
 def test_bad_line_at_the_end_of_a_long_file(tmp_path):
     rows = np.random.default_rng(0).integers(0, 2, (50_000, 12))
     path = write(tmp_path / "long.txt", "\n".join([AU_HEADER] + [",".join(map(str, r)) for r in rows]) + "\n")
-    t0 = time.perf_counter()
     df = read_annotation(path, "au")
-    assert time.perf_counter() - t0 < 2.0, "50k AU lines should read in well under a second"
     np.testing.assert_array_equal(df[AU_NAMES].to_numpy(), rows)
     with path.open("a") as f: f.write(",".join(["1"] * 11 + ["-2"]) + "\n")
     assert raised(lambda: read_annotation(path, "au")).line == 50_002

@@ -152,7 +152,7 @@ def test_pretrained_without_hub_or_file_fails_fast(monkeypatch):
     t = time.time()
     with pytest.raises(RuntimeError, match=r"weights=PATH.*pretrained=False"):
         F.load_backbone("vit_base_patch16_224.orig_in21k")
-    assert time.time() - t < 5
+    assert time.time() - t < 30, "offline, the error must come at once, not after the hub's retries"
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(F, "_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(RuntimeError, match="cannot be reached"):
