@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from affect_nb.data import frame_index, summarize
-from affect_nb.synth import MARKER, make_synthetic, synthetic_params
+from affect_nb.synth import GENERATOR_VERSION, MARKER, make_synthetic, synthetic_params, synthetic_version
 
 SMALL = dict(n_videos=6, n_frames=30)
 
@@ -219,3 +219,22 @@ def test_killed_build_leaves_no_tree_and_the_next_build_is_clean(tmp_path):
     make_synthetic(tmp_path / "reference", n_videos=3, n_frames=20, progress=False)
     assert tree_hash(root) == tree_hash(tmp_path / "reference")
     assert json.loads((root / MARKER).read_text())["params"] == dict(n_videos=3, n_frames=20, seed=0)
+
+
+def test_a_tree_from_an_older_generator_is_rebuilt_not_reused(tmp_path):
+    root, args = tmp_path / "tree", ["--n-videos", 3, "--n-frames", 20]
+    make_synthetic(tmp_path / "reference", n_videos=3, n_frames=20, progress=False)
+    assert cli(root, *args).returncode == 0
+    marker = json.loads((root / MARKER).read_text())
+    assert marker["version"] == GENERATOR_VERSION and synthetic_version(root) == GENERATOR_VERSION
+    del marker["version"]  # what the first generator wrote
+    (root / MARKER).write_text(json.dumps(marker))
+    (root / "cropped_aligned" / "stale.txt").write_text("old pixels")
+    r = cli(root, *args)
+    assert r.returncode == 0, r.stderr
+    assert "reusing" not in r.stdout and "built" in r.stdout and "version 1" in r.stderr
+    assert synthetic_version(root) == GENERATOR_VERSION and tree_hash(root) == tree_hash(tmp_path / "reference")
+    marker["version"] = GENERATOR_VERSION - 1
+    (root / MARKER).write_text(json.dumps(marker))
+    with pytest.warns(UserWarning, match="rebuilding"): make_synthetic(root, n_videos=3, n_frames=20, progress=False)
+    assert synthetic_version(root) == GENERATOR_VERSION and tree_hash(root) == tree_hash(tmp_path / "reference")
