@@ -242,11 +242,15 @@ class TrainConfig:
 
 # %% ../nbs/07_train.ipynb #6372c77b
 def make_loss(cfg: TrainConfig, train: list[Video]) -> nn.Module:
-    "The loss of `cfg.task` named `cfg.loss` (None: the paper's); the expression focal loss gets class weights from the `train` labels."
+    "The loss of `cfg.task` named `cfg.loss` (None: the paper's); expression focal gets class weights, AU BCE balanced positive weights, from the `train` labels."
     name = cfg.loss or next(iter(LOSSES[cfg.task]))
     if cfg.task == "expr" and name == "focal":
         y = np.concatenate([v.y[v.valid] for v in train]).astype(int)
         return loss_for("expr", "focal", alpha=class_weights(np.bincount(y, minlength=len(EXPR_CLASSES))))
+    if cfg.task == "au" and name == "bce":
+        y = np.concatenate([v.y[v.valid] for v in train]).astype(float)
+        pos = y.sum(0)
+        return loss_for("au", "bce", pos_weight=torch.as_tensor((len(y) - pos) / np.maximum(pos, 1), dtype=torch.float32))
     return loss_for(cfg.task, name)
 
 # %% ../nbs/07_train.ipynb #eb00accf
