@@ -19,6 +19,7 @@ $(VENV)/.installed: settings.ini setup.py
 	touch $@
 
 # The main job: the experiment notebook on the built-in synthetic Aff-Wild2, once per task, into $(DEMO)/<task>/.
+demo: export OMP_NUM_THREADS ?= 1
 demo: install
 	for t in $(TASKS); do \
 	  mkdir -p $(DEMO)/$$t && \
