@@ -18,14 +18,15 @@ import numpy as np
 import pandas as pd
 import yaml
 from filelock import FileLock
+from .utils import atomic_write_text, git_commit
 from scipy import stats
 from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['PACKAGES', 'REGISTRY_COLUMNS', 'THREAD_VARS', 'MASK_PS', 'GAMMAS', 'SEQ_LENS', 'TASK_NAMES', 'FOCAL_PARAMS',
-           'MEASURES', 'PUBLISHED', 'expand_grid', 'params_hash', 'run_id', 'run_complete', 'git_commit', 'environment',
-           'headline', 'registry_row', 'append_registry', 'load_registry', 'execute_run', 'notebook_parameters',
-           'load_preset', 'plan_sweep', 'run_sweep', 'mean_ci', 'summarize_runs', 'holm', 'paired_test', 'plot_summary',
+           'MEASURES', 'PUBLISHED', 'expand_grid', 'params_hash', 'run_id', 'run_complete', 'environment', 'headline',
+           'registry_row', 'append_registry', 'load_registry', 'execute_run', 'notebook_parameters', 'load_preset',
+           'plan_sweep', 'run_sweep', 'mean_ci', 'summarize_runs', 'holm', 'paired_test', 'plot_summary',
            'fixed_backbone', 'Study', 'ablation_studies', 'analyse', 'findings', 'paper_table']
 
 # %% ../nbs/08_experiments.ipynb #a6b045b5
@@ -65,13 +66,6 @@ def run_id(params: dict, keys=None, max_len: int = 80) -> str:
     return f"{safe[:max_len - 9].rstrip('-_')}-{params_hash({k: params[k] for k in keys})}"
 
 # %% ../nbs/08_experiments.ipynb #7e5c70f9
-def _atomic_write(path: Path, text: str) -> None:
-    "Write `text` to `path` through a temporary file and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: tmp.write_text(text); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-
 def _read_json(path: Path) -> dict | None:
     "The JSON object in `path`, None when missing or unreadable."
     try: return json.loads(Path(path).read_text())
@@ -90,14 +84,6 @@ PACKAGES = ("affect_nb", "torch", "timm", "numpy", "papermill")
 def _version(name):
     try: return version(name)
     except PackageNotFoundError: return None
-
-def git_commit(path=".") -> str | None:
-    "The git commit of the repository holding `path`, with '+dirty' when tracked files differ from it; None outside git."
-    path = Path(path); path = path if path.is_dir() else path.parent
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=path, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError): return None
 
 def environment(path=".", packages=PACKAGES) -> dict:
     "Provenance of a run: the git commit of the repository at `path` (else of the installed affect_nb), the host and the versions of `packages`."
@@ -136,7 +122,7 @@ def append_registry(path, rows: list[dict], timeout: float = 120) -> Path:
         df = pd.concat([old, new], ignore_index=True).fillna("")
         first = [c for c in REGISTRY_COLUMNS if c in df]
         df = df[first + [c for c in df if c not in first]]
-        _atomic_write(path, df.to_csv(index=False))
+        atomic_write_text(path, df.to_csv(index=False))
     return path
 
 def load_registry(path="reports/registry.csv", latest: bool = False) -> pd.DataFrame:
@@ -179,7 +165,7 @@ def execute_run(notebook, run_dir, params: dict, run_id: str, sweep: str, regist
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
     record = dict(run_id=run_id, sweep=sweep, notebook=str(notebook), params=params, start=start)
-    _atomic_write(run_dir / "run.json", json.dumps({**record, "status": "running"}, indent=1))
+    atomic_write_text(run_dir / "run.json", json.dumps({**record, "status": "running"}, indent=1))
     metrics, error = None, None
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
     try:
@@ -197,7 +183,7 @@ def execute_run(notebook, run_dir, params: dict, run_id: str, sweep: str, regist
     status, duration = ("ok" if error is None else "failed"), time.time() - start
     row = registry_row(run_id, sweep, notebook, params, status, start, duration, metrics, error, run_dir, environment(Path(notebook).parent))
     if registry is not None: append_registry(registry, [row])
-    _atomic_write(run_dir / "run.json", json.dumps({**record, "status": status, "duration_s": round(duration, 2), "error": error}, indent=1))
+    atomic_write_text(run_dir / "run.json", json.dumps({**record, "status": status, "duration_s": round(duration, 2), "error": error}, indent=1))
     return row
 
 # %% ../nbs/08_experiments.ipynb #9682f88d

@@ -21,6 +21,7 @@ from .data import AU_NAMES, EXPR_CLASSES, IMAGE_DIR, SPLITS, TASKS, frame_index,
 from .features import extract_features, image_listing
 from .losses import LOSSES, class_weights, loss_for
 from .masking import FrameMasking
+from .utils import atomic_write, atomic_write_text, git_commit
 from .metrics import au_score, score, tune_au_thresholds
 from .model import build_model, task_head
 from .synth import make_synthetic, synthetic_params
@@ -31,8 +32,8 @@ __all__ = ['INVALID', 'FEATURE_ARGS', 'SUBMISSION_HEADER', 'DEFAULT_DATA_DIR', '
            'SequenceModel', 'frame_scores', 'predict_videos', 'score_videos', 'TrainConfig', 'make_loss',
            'save_checkpoint', 'load_checkpoint', 'fit', 'load_videos', 'image_index', 'load_split', 'train',
            'predictions_frame', 'predict', 'nearest_rows', 'write_submission', 'fill_missing', 'linear_probe',
-           'git_commit', 'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time', 'plot_va_density',
-           'repo_root', 'resolve_path', 'prepare_data_dir', 'main_train', 'main_predict']
+           'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time', 'plot_va_density', 'repo_root',
+           'resolve_path', 'prepare_data_dir', 'main_train', 'main_predict']
 
 # %% ../nbs/07_train.ipynb #99c82582
 def seed_everything(seed: int) -> None:
@@ -254,23 +255,14 @@ def make_loss(cfg: TrainConfig, train: list[Video]) -> nn.Module:
     return loss_for(cfg.task, name)
 
 # %% ../nbs/07_train.ipynb #eb00accf
-def _atomic(path: Path, write) -> None:
-    "Call `write(tmp)` on a temporary file beside `path`, then move it onto `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try: write(tmp); os.replace(tmp, path)
-    finally: tmp.unlink(missing_ok=True)
-
-def _write_text(path, text): _atomic(path, lambda p: Path(p).write_text(text))
-
 def _unwrap(model): return model.module if isinstance(model, DistributedDataParallel) else model
 
 def save_checkpoint(path: str | Path, model: nn.Module, cfg: TrainConfig, **meta) -> Path:
     "Write `model`'s weights (`model.safetensors`, with `meta` as metadata) and `cfg` (`config.json`) into the folder `path`."
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
-    _atomic(path / "model.safetensors", lambda p: save_file(state, str(p), metadata={k: json.dumps(_jsonable(v)) for k, v in meta.items()}))
-    _write_text(path / "config.json", json.dumps(_jsonable(asdict(cfg)), indent=2))
+    atomic_write(path / "model.safetensors", lambda p: save_file(state, str(p), metadata={k: json.dumps(_jsonable(v)) for k, v in meta.items()}))
+    atomic_write_text(path / "config.json", json.dumps(_jsonable(asdict(cfg)), indent=2))
     return path
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -386,8 +378,8 @@ def fit(cfg: TrainConfig, train: list[Video], val: list[Video], out_dir: str | P
         if rank == 0:
             last = dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, history=json.dumps(history), bad_epochs=bad,
                         best_p=best_p, best_epoch=best_epoch, rng=rngs, config=json.dumps(_jsonable(asdict(cfg))))
-            _atomic(out_dir / "last.pt", lambda p: torch.save(last, p))
-            _atomic(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
+            atomic_write(out_dir / "last.pt", lambda p: torch.save(last, p))
+            atomic_write(out_dir / "history.csv", lambda p: pd.DataFrame(history).to_csv(p, index=False))
             if progress: print(f"epoch {epoch}: train loss {loss:.4f}, val P {m['P']:.4f}" + (" *" if best_epoch == epoch else ""), flush=True)
         if world > 1: dist.barrier()
     model.load_state_dict(best)
@@ -517,7 +509,7 @@ def write_submission(preds: pd.DataFrame, path: str | Path, task: str, frames: p
     lines = [",".join(SUBMISSION_HEADER[task])]
     if task == "va": lines += [f"{a},{b:.6f},{c:.6f}" for a, b, c in out.itertuples(index=False)]
     else: lines += [",".join(map(str, r)) for r in out.itertuples(index=False)]
-    _write_text(Path(path), "\n".join(lines) + "\n")
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
     return Path(path)
 
 # %% ../nbs/07_train.ipynb #5d4edaef
@@ -558,13 +550,6 @@ def linear_probe(train: list[Video], val: list[Video], task: str, seed: int = 0,
     return out
 
 # %% ../nbs/07_train.ipynb #d6a69cef
-def git_commit(path: str | Path = ".") -> str | None:
-    "The git commit of the repository holding `path` (with '+dirty' when it has uncommitted changes), None outside git."
-    try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=path, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return run("rev-parse", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError): return None
-
 def run_metrics(result: dict, params: dict, probe: dict | None = None) -> dict:
     "The metrics.json content of a `fit`/`train` `result`: task, P, parts, best epoch, tuned AU thresholds, `probe` measures, `params`, version, commit."
     from affect_nb import __version__
@@ -709,7 +694,7 @@ def main_train(argv: list[str] | None = None):
     except (ValueError, FileNotFoundError) as e: p.exit(2, f"affect-train: error: {e}\n")
     if _rank_world()[0] == 0:
         metrics = run_metrics(r, dict(data_dir=str(data_dir), out_dir=str(out_dir), **{k: str(v) if isinstance(v, Path) else v for k, v in a.items()}))
-        _write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         write_submission(predictions_frame(r["config"].task, r["val_videos"], r["val_scores"]), out_dir / "val_predictions.csv", r["config"].task)
         print(json.dumps({k: metrics[k] for k in ("task", "P", "best_epoch")}))
     if dist.is_initialized(): dist.destroy_process_group()
@@ -734,5 +719,5 @@ def main_predict(argv: list[str] | None = None):
         task = json.loads((_checkpoint_dir(a.checkpoint) / "config.json").read_text())["task"]
     except (ValueError, FileNotFoundError) as e: p.exit(2, f"affect-predict: error: {e}\n")
     write_submission(preds, a.out, task)
-    if a.frames_csv: _atomic(a.frames_csv, lambda f: preds.to_csv(f, index=False))
+    if a.frames_csv: atomic_write(a.frames_csv, lambda f: preds.to_csv(f, index=False))
     print(f"{a.out}: {len(preds):,} frames of {preds.video.nunique()} videos ({task})")
