@@ -422,8 +422,8 @@ def ablation_studies(study: str = "all", tasks=TASK_NAMES, mask_ps=MASK_PS, elem
         if "expr" in tasks: out.append(Study("loss-expr", "Does the focal loss beat cross-entropy (EXPR)?", [dict(task="expr", loss=l) for l in ("focal", "ce")], ["loss"], dict(loss="ce"), x="loss"))
         if "au" in tasks: out.append(Study("loss-au", "Does the sigmoid focal loss beat BCE (AU)?", [dict(task="au", loss=l) for l in ("focal", "bce")], ["loss"], dict(loss="bce"), x="loss"))
         if cls:
-            out.append(Study("focal-gamma", "How does the focal loss's γ matter?", [{"task": t, "loss": "focal", g: float(v)} for t in cls for v in gammas], [g], {g: float(0)}, x=g))
-            out.append(Study("focal-alpha", "Does class weighting (α) help the focal loss?", [{"task": t, "loss": "focal", a: v} for t in cls for v in ("none", "weighted")], [a], {a: "none"}, x=a))
+            out.append(Study("focal-gamma", "How does the focal loss's γ matter?", [{"task": t, "loss": "focal", a: "weighted", g: float(v)} for t in cls for v in gammas], [g], {g: float(0)}, x=g))
+            out.append(Study("focal-alpha", "Does class weighting (α) help the focal loss?", [{"task": t, "loss": "focal", a: v} for t in cls for v in ("none", "weighted", *(("0.25",) if t == "au" else ()))], [a], {a: "none"}, x=a))
     if "pooling" in wanted:
         out.append(Study("pooling", "Does average pooling of the patch tokens beat the cls token?", [dict(task=t, pooling=p) for t in tasks for p in ("avg", "token")], ["pooling"], dict(pooling="token"), x="pooling"))
     if "seq_len" in wanted:

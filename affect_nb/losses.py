@@ -101,17 +101,25 @@ class FocalLoss(nn.Module):
 
 # %% ../nbs/04_losses.ipynb #4bd05700
 class SigmoidFocalLoss(nn.Module):
-    "Per-label sigmoid focal loss (torchvision's) over valid entries, for multi-label AUs; `alpha` weights positives (None: no weighting); targets equal to `ignore_index` are invalid."
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, ignore_index: int = -1, reduction: str = "mean"):
+    "Per-label sigmoid focal loss (torchvision's) over valid entries, for multi-label AUs; `alpha` weights positives, one number or one per label (None: no weighting); targets equal to `ignore_index` are invalid."
+    def __init__(self, gamma: float = 2.0, alpha: float | Sequence[float] | torch.Tensor | None = 0.25, ignore_index: int = -1,
+                 reduction: str = "mean"):
         super().__init__()
-        self.gamma, self.alpha, self.ignore_index, self.reduction = gamma, alpha, ignore_index, reduction
+        self.gamma, self.ignore_index, self.reduction = gamma, ignore_index, reduction
+        alpha = None if alpha is None else torch.as_tensor(alpha, dtype=torch.float32)
+        if alpha is not None and (alpha.ndim > 1 or (alpha < 0).any() or (alpha > 1).any()):
+            raise ValueError(f"alpha must be a number or one number per label, each in [0, 1], got {alpha.tolist()}")
+        self.register_buffer("alpha", alpha)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         "Loss of `logits` (…, K) against 0/1 `target` (…, K); `mask` True = valid, shaped like `target` or without its last dim."
         _check_same_shape(logits, target, "logits")
+        if self.alpha is not None and self.alpha.ndim == 1 and len(self.alpha) != logits.shape[-1]:
+            raise ValueError(f"alpha has {len(self.alpha)} per-label weights, logits have {logits.shape[-1]} labels")
         valid = _validity(target, mask, self.ignore_index)
         x, t = torch.where(valid, logits.float(), 0.0), torch.where(valid, target.float(), 0.0)
-        loss = sigmoid_focal_loss(x, t, alpha=-1 if self.alpha is None else self.alpha, gamma=self.gamma, reduction="none")
+        loss = sigmoid_focal_loss(x, t, alpha=-1, gamma=self.gamma, reduction="none")
+        if self.alpha is not None: loss = loss * (self.alpha * t + (1 - self.alpha) * (1 - t))
         return _reduce(loss, valid, self.reduction)
 
     def extra_repr(self): return f"gamma={self.gamma}, alpha={self.alpha}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -27,13 +27,13 @@ from .model import build_model, task_head
 from .synth import make_synthetic, synthetic_params
 
 # %% auto #0
-__all__ = ['INVALID', 'FEATURE_ARGS', 'SUBMISSION_HEADER', 'DEFAULT_DATA_DIR', 'EXPERIMENT_PARAMS', 'seed_everything',
-           'resolve_device', 'Video', 'window_starts', 'eval_starts', 'train_windows', 'eval_windows', 'WindowDataset',
-           'SequenceModel', 'frame_scores', 'predict_videos', 'score_videos', 'TrainConfig', 'make_loss',
-           'save_checkpoint', 'load_checkpoint', 'fit', 'load_videos', 'image_index', 'load_split', 'train',
-           'predictions_frame', 'predict', 'nearest_rows', 'write_submission', 'fill_missing', 'linear_probe',
-           'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time', 'plot_va_density', 'repo_root',
-           'resolve_path', 'prepare_data_dir', 'main_train', 'main_predict']
+__all__ = ['INVALID', 'FOCAL_ALPHAS', 'FEATURE_ARGS', 'SUBMISSION_HEADER', 'DEFAULT_DATA_DIR', 'EXPERIMENT_PARAMS',
+           'seed_everything', 'resolve_device', 'Video', 'window_starts', 'eval_starts', 'train_windows',
+           'eval_windows', 'WindowDataset', 'SequenceModel', 'frame_scores', 'predict_videos', 'score_videos',
+           'TrainConfig', 'focal_alpha', 'make_loss', 'save_checkpoint', 'load_checkpoint', 'fit', 'load_videos',
+           'image_index', 'load_split', 'train', 'predictions_frame', 'predict', 'nearest_rows', 'write_submission',
+           'fill_missing', 'linear_probe', 'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time',
+           'plot_va_density', 'repo_root', 'resolve_path', 'prepare_data_dir', 'main_train', 'main_predict']
 
 # %% ../nbs/07_train.ipynb #99c82582
 def seed_everything(seed: int) -> None:
@@ -196,11 +196,24 @@ def score_videos(task: str, videos: list[Video], scores: list[np.ndarray]) -> di
     return _jsonable(score(task, pred, target))
 
 # %% ../nbs/07_train.ipynb #cc4f1e05
+FOCAL_ALPHAS = ("paper", "weighted", "none")
+
+def _focal_alpha_value(a) -> str | float:
+    "`a` as a focal α setting: one of `FOCAL_ALPHAS`, or a number in [0, 1] (also given as text, as on a command line)."
+    if isinstance(a, str) and a in FOCAL_ALPHAS: return a
+    try: x = float(a)
+    except (TypeError, ValueError): x = None
+    if x is None or isinstance(a, bool) or not 0 <= x <= 1:
+        raise ValueError(f"focal_alpha must be one of {list(FOCAL_ALPHAS)} or a number in [0, 1], got {a!r}")
+    return x
+
 @dataclass
 class TrainConfig:
     "Every hyperparameter of a training run (saved as config.json); defaults are the paper's configuration."
     task: str = "va"  # 'va', 'expr' or 'au'
     loss: str | None = None  # None: the paper's loss of the task (ccc, focal, focal)
+    focal_gamma: float = 2.0  # γ of the focal losses (expr, au)
+    focal_alpha: str | float = "paper"  # α of the focal losses: 'paper', 'weighted', 'none' or a number (see make_loss)
     seq_len: int = 100  # frames per window
     stride: int | None = None  # step between training windows (None: seq_len)
     eval_stride: int | None = None  # step between evaluation windows (None: seq_len // 2)
@@ -227,6 +240,11 @@ class TrainConfig:
         if self.task not in TASKS: raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASKS)}")
         if self.loss is not None and self.loss not in LOSSES[self.task]:
             raise ValueError(f"unknown loss {self.loss!r} for task {self.task!r}; expected one of {list(LOSSES[self.task])}")
+        self.focal_alpha = _focal_alpha_value(self.focal_alpha)
+        self.focal_gamma = float(self.focal_gamma)
+        if self.focal_gamma < 0: raise ValueError(f"focal_gamma must be at least 0, got {self.focal_gamma}")
+        if self.task == "au" and (self.loss or "focal") == "focal" and 0 < self.focal_gamma < 1:
+            raise ValueError(f"focal_gamma {self.focal_gamma} is between 0 and 1: torchvision's sigmoid focal loss then has NaN gradients on confident AUs; use 0 or at least 1")
         for k in ("seq_len", "batch_size", "epochs", "patience"):
             if int(getattr(self, k)) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
 
@@ -242,16 +260,31 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 # %% ../nbs/07_train.ipynb #6372c77b
+def _valid_labels(train: list[Video]) -> np.ndarray:
+    "The labels of the valid frames of the `train` videos, stacked."
+    y = np.concatenate([v.y[v.valid] for v in train])
+    if not len(y): raise ValueError("no valid training label to weight the loss with")
+    return y
+
+def focal_alpha(cfg: TrainConfig, train: list[Video]) -> float | torch.Tensor | None:
+    "The α of `cfg`'s focal loss: `cfg.focal_alpha` resolved for `cfg.task` with the label counts of the `train` videos (see the table above)."
+    a = cfg.focal_alpha
+    if a == "paper": a = "weighted" if cfg.task == "expr" else 0.25
+    if a == "none": return None
+    if a != "weighted": return float(a)
+    y = _valid_labels(train)
+    if cfg.task == "expr": return class_weights(np.bincount(y.astype(int), minlength=len(EXPR_CLASSES)))
+    if cfg.task == "au": return torch.as_tensor(1 - (y == 1).sum(0) / np.maximum((y >= 0).sum(0), 1), dtype=torch.float32)
+    raise ValueError(f"task {cfg.task!r} has no focal loss")
+
 def make_loss(cfg: TrainConfig, train: list[Video]) -> nn.Module:
-    "The loss of `cfg.task` named `cfg.loss` (None: the paper's); expression focal gets class weights, AU BCE balanced positive weights, from the `train` labels."
+    "The loss of `cfg.task` named `cfg.loss` (None: the paper's): focal losses with `cfg.focal_gamma` and `focal_alpha`, AU BCE with balanced positive weights, from the `train` labels."
     name = cfg.loss or next(iter(LOSSES[cfg.task]))
-    if cfg.task == "expr" and name == "focal":
-        y = np.concatenate([v.y[v.valid] for v in train]).astype(int)
-        return loss_for("expr", "focal", alpha=class_weights(np.bincount(y, minlength=len(EXPR_CLASSES))))
+    if name == "focal": return loss_for(cfg.task, "focal", gamma=cfg.focal_gamma, alpha=focal_alpha(cfg, train))
     if cfg.task == "au" and name == "bce":
-        y = np.concatenate([v.y[v.valid] for v in train]).astype(float)
-        pos = y.sum(0)
-        return loss_for("au", "bce", pos_weight=torch.as_tensor((len(y) - pos) / np.maximum(pos, 1), dtype=torch.float32))
+        y = _valid_labels(train)
+        pos, neg = (y == 1).sum(0), (y == 0).sum(0)
+        return loss_for("au", "bce", pos_weight=torch.as_tensor(neg / np.maximum(pos, 1), dtype=torch.float32))
     return loss_for(cfg.task, name)
 
 # %% ../nbs/07_train.ipynb #eb00accf
@@ -631,7 +664,7 @@ def plot_va_density(videos: list[Video], scores: list[np.ndarray], bins: int = 3
 # %% ../nbs/07_train.ipynb #db6d8dab
 DEFAULT_DATA_DIR = "data/synthetic"
 EXPERIMENT_PARAMS = ("task", "data_dir", "out_dir", "cache_dir", "backbone", "pretrained", "weights", "img_size", "pooling",
-                     "mask_p", "mask_mode", "loss", "seq_len", "stride", "epochs", "batch_size", "lr", "weight_decay", "patience",
+                     "mask_p", "mask_mode", "loss", "focal_gamma", "focal_alpha", "seq_len", "stride", "epochs", "batch_size", "lr", "weight_decay", "patience",
                      "d_model", "n_heads", "n_layers", "d_ff", "dropout", "seed", "device", "max_videos", "synth_videos",
                      "synth_frames", "feature_batch_size", "probe", "browse")
 
