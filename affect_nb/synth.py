@@ -8,6 +8,7 @@ import argparse, json, shutil, time, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from PIL import Image
 from tqdm.auto import tqdm
 from .data import EXPR_CLASSES, AU_NAMES, TASKS, SPLITS, IMAGE_DIR
@@ -347,31 +348,36 @@ def _replace(tmp, root):
     tmp.rename(root)
     if old.exists(): shutil.rmtree(old)
 
-def make_synthetic(root, n_videos:int=30, n_frames:int=250, seed:int=0, force:bool=False, progress:bool=True) -> dict:
-    "Build a synthetic Aff-Wild2 of `n_videos` image folders of ~`n_frames` frames at `root` (reused when complete, unless `force`); its `planted_truth`."
+def make_synthetic(root, n_videos:int=30, n_frames:int=250, seed:int=0, force:bool=False, replace:bool=False,
+                   progress:bool=True) -> dict:
+    "Build a synthetic Aff-Wild2 of `n_videos` image folders of ~`n_frames` frames at `root` (reused when complete, unless `force`; a tree of other arguments replaced only with `replace`); its `planted_truth`."
     root, params = Path(root).resolve(), dict(n_videos=n_videos, n_frames=n_frames, seed=seed)
-    plan, found, version = synth_plan(n_videos, n_frames, seed), synthetic_params(root), synthetic_version(root)
-    if found == params and not force:
-        if version == GENERATOR_VERSION: return planted_truth(plan)
-        warnings.warn(f"{root} was built by synthetic generator version {version}, this is version {GENERATOR_VERSION}: rebuilding it")
-        force = True
+    plan = synth_plan(n_videos, n_frames, seed)
+    if not force and synthetic_params(root) == params and synthetic_version(root) == GENERATOR_VERSION: return planted_truth(plan)
     if root.exists() and not root.is_dir(): raise FileExistsError(f"{root} is a file, not a folder for a synthetic Aff-Wild2 tree")
-    if found is None and root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty and is not a synthetic Aff-Wild2 tree (it has no {MARKER}): refusing to overwrite it")
-    if found is not None and not force:
-        raise FileExistsError(f"{root} holds a synthetic tree built with {found}, not {params}: rebuild it with force=True (affect-synth --force)")
-    tmp = root.with_name(f".{root.name}.partial")
-    if tmp.exists(): shutil.rmtree(tmp)
-    try:
-        for t in TASKS.values():
-            for s in SPLITS.values(): (tmp / t / s).mkdir(parents=True)
-        with tqdm(total=sum(len(p["labels"]) for p in plan), unit="frame", desc=f"synthetic Aff-Wild2 {root.name}", disable=not progress) as bar:
-            for i, p in enumerate(plan): _write_subject(tmp, p, seed, i, bar)
-        (tmp / MARKER).write_text(json.dumps(dict(generator="affect_nb.synth", version=GENERATOR_VERSION, params=params), indent=1, sort_keys=True) + "\n")
-        _replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root.with_name(f".{root.name}.lock"))):  # one builder at a time; a process that waited finds the tree built
+        found, version = synthetic_params(root), synthetic_version(root)
+        if found == params and not force:
+            if version == GENERATOR_VERSION: return planted_truth(plan)
+            warnings.warn(f"{root} was built by synthetic generator version {version}, this is version {GENERATOR_VERSION}: rebuilding it")
+            force = True
+        if found is None and root.is_dir() and any(root.iterdir()):
+            raise FileExistsError(f"{root} is not empty and is not a synthetic Aff-Wild2 tree (it has no {MARKER}): refusing to overwrite it")
+        if found is not None and not (force or replace):
+            raise FileExistsError(f"{root} holds a synthetic tree built with {found}, not {params}: rebuild it with force=True (affect-synth --force)")
+        tmp = root.with_name(f".{root.name}.partial")
+        if tmp.exists(): shutil.rmtree(tmp)
+        try:
+            for t in TASKS.values():
+                for s in SPLITS.values(): (tmp / t / s).mkdir(parents=True)
+            with tqdm(total=sum(len(p["labels"]) for p in plan), unit="frame", desc=f"synthetic Aff-Wild2 {root.name}", disable=not progress) as bar:
+                for i, p in enumerate(plan): _write_subject(tmp, p, seed, i, bar)
+            (tmp / MARKER).write_text(json.dumps(dict(generator="affect_nb.synth", version=GENERATOR_VERSION, params=params), indent=1, sort_keys=True) + "\n")
+            _replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return planted_truth(plan)
 
 # %% ../nbs/01_synth.ipynb #641e1b5a

@@ -683,9 +683,7 @@ def prepare_data_dir(data_dir: str | Path, root: Path | None = None, synth_video
     "The Aff-Wild2 folder `data_dir` (relative to `root`); the default synthetic tree is built when missing, any other missing folder is an error."
     path = resolve_path(data_dir, root)
     if path == resolve_path(DEFAULT_DATA_DIR, root):
-        params = dict(n_videos=synth_videos, n_frames=synth_frames, seed=0)
-        found = synthetic_params(path)
-        make_synthetic(path, synth_videos, synth_frames, seed=0, force=found is not None and found != params, progress=progress)
+        make_synthetic(path, synth_videos, synth_frames, seed=0, replace=True, progress=progress)
     elif not path.is_dir():
         raise FileNotFoundError(f"data_dir {path} does not exist: point it at an Aff-Wild2 tree, or leave the default "
                                 f"{DEFAULT_DATA_DIR!r} to build the synthetic one")

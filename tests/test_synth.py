@@ -162,7 +162,7 @@ def test_cli_builds_reuses_refuses_and_rebuilds(tmp_path):
     r = cli(root, *args, "--seed", 1, "--force")
     assert r.returncode == 0, r.stderr
     assert synthetic_params(root)["seed"] == 1 and tree_hash(root) != h
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli"], "no temporary folder left beside the tree"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cli.lock", "cli"], "no temporary folder left beside the tree"
 
 
 def test_cli_never_overwrites_a_folder_that_is_not_a_synthetic_tree(tmp_path):
@@ -192,14 +192,27 @@ def test_interrupted_build_leaves_no_tree_and_keeps_an_older_one(tmp_path, monke
     with monkeypatch.context() as m:
         _interrupt_after(m, 20)
         with pytest.raises(KeyboardInterrupt): make_synthetic(root, **SMALL, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".tree.lock"]  # no tree, no partial folder: only the builders' lock
     make_synthetic(root, **SMALL, progress=False)
     h = tree_hash(root)
     with monkeypatch.context() as m:
         _interrupt_after(m, 20)
         with pytest.raises(KeyboardInterrupt): make_synthetic(root, **SMALL, seed=1, force=True, progress=False)
     assert tree_hash(root) == h and synthetic_params(root)["seed"] == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["tree"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tree.lock", "tree"]
+
+
+def test_processes_building_the_same_tree_at_once_all_get_the_complete_tree(tmp_path):
+    "The runs of a parallel sweep each prepare the same data folder: one builds it, the others wait and reuse it."
+    root, args = tmp_path / "tree", ["--n-videos", "8", "--n-frames", "120"]
+    exe = Path(sys.executable).parent / "affect-synth"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from affect_nb.synth import main; sys.exit(main())"]
+    procs = [subprocess.Popen(cmd + [str(root), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+    make_synthetic(tmp_path / "reference", n_videos=8, n_frames=120, progress=False)
+    assert tree_hash(root) == tree_hash(tmp_path / "reference")
+    assert not (tmp_path / ".tree.partial").exists() and not (tmp_path / ".tree.old").exists()
 
 
 def test_killed_build_leaves_no_tree_and_the_next_build_is_clean(tmp_path):
