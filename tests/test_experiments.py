@@ -192,6 +192,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_BODY = '''
 import json, random
 from pathlib import Path
+if seed == 7: raise RuntimeError("planted failure")
 effect = {"avg": 0.05, "token": 0.0}[pooling] + 0.1 * mask_p * (mask_mode == "frame")
 P = 0.5 + effect + random.Random(seed).gauss(0, 0.01)
 m = dict(task=task, P=P, best_epoch=1, probe=dict(P=0.3))
@@ -243,3 +244,17 @@ def test_ablation_and_paper_notebooks_end_to_end(tmp_path):
     assert table.loc["P_VA", col] == f"{m['P']:.3f}" and table.loc["CCC arousal", col] == f"{m['arousal']:.3f}"
     assert table.loc["P_AU (mean F1)", col] == "–" and table.loc["P_AU (mean F1)", "ABAW6 winner (test)"] == "0.56"
     assert len(load_registry(reg)) == 5
+
+
+@pytest.mark.skipif(not (ROOT / "nbs" / "experiments" / "train.ipynb").is_file(), reason="no training notebook")
+def test_ablation_notebook_fails_at_the_end_when_runs_failed(tmp_path):
+    "A failed run does not stop the study, but the notebook (and so `make reports`) fails after writing the tables."
+    import papermill as pm
+    fake = fake_train_notebook(tmp_path / "train.ipynb")
+    out, reg = tmp_path / "ablations", tmp_path / "registry.csv"
+    with pytest.raises(pm.PapermillExecutionError, match="2 training runs failed"):
+        papermill(ROOT / "nbs" / "experiments" / "ablations.ipynb", tmp_path / "ablations.ipynb", study="pooling", tasks=["expr"],
+                  seeds=[0, 1, 7], shared_backbone=False, notebook=str(fake), out_dir=str(out), registry=str(reg))
+    res = pd.read_csv(out / "results.csv")
+    assert res.n.tolist() == [2, 2]  # the tables hold the runs that finished
+    assert sorted(load_registry(reg).status) == ["failed"] * 2 + ["ok"] * 4
