@@ -52,7 +52,8 @@ check: install export clean-nbs readme
 	git diff --exit-code --stat -- affect_nb nbs README.md
 	test -z "$$(git status --porcelain --untracked-files=all -- affect_nb)"
 
-# The committed synthetic-data reports: every ablation study and the paper preset, quick mode, 3 seeds (~40 min on 2 cores).
+# The committed synthetic-data reports: every ablation study and the paper preset, quick mode, 3 seeds
+# (19 min 46 s from a fresh clone on 2 CPU cores, the install included).
 # REPORT_JOBS sets the runs in parallel and so the threads per run: keep it fixed for identical numbers.
 REPORT_JOBS ?= 2
 reports: install
