@@ -311,4 +311,7 @@ d = { 'settings': { 'branch': 'main',
                                  'affect_nb.train.write_submission': ('train.html#write_submission', 'affect_nb/train.py')},
             'affect_nb.utils': { 'affect_nb.utils.atomic_write': ('utils.html#atomic_write', 'affect_nb/utils.py'),
                                  'affect_nb.utils.atomic_write_text': ('utils.html#atomic_write_text', 'affect_nb/utils.py'),
-                                 'affect_nb.utils.git_commit': ('utils.html#git_commit', 'affect_nb/utils.py')}}}
+                                 'affect_nb.utils.check_writable': ('utils.html#check_writable', 'affect_nb/utils.py'),
+                                 'affect_nb.utils.command': ('utils.html#command', 'affect_nb/utils.py'),
+                                 'affect_nb.utils.git_commit': ('utils.html#git_commit', 'affect_nb/utils.py'),
+                                 'affect_nb.utils.path_component': ('utils.html#path_component', 'affect_nb/utils.py')}}}
