@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_data.ipynb #9260a11f
 from __future__ import annotations
-import io, os
+import io, os, re
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['EXPR_CLASSES', 'AU_NAMES', 'TASKS', 'SPLITS', 'IMAGE_DIR', 'LAYOUT', 'HEADERS', 'EXPECTED', 'VA_BINS',
-           'label_columns', 'AnnotationError', 'read_annotation', 'split_dir', 'list_videos', 'frame_index',
-           'SplitSummary', 'summarize', 'FrameBrowser', 'browse']
+           'label_columns', 'AnnotationError', 'read_annotation', 'split_dir', 'list_videos', 'image_listing',
+           'frame_index', 'SplitSummary', 'summarize', 'FrameBrowser', 'browse']
 
 # %% ../nbs/00_data.ipynb #a824536d
 EXPR_CLASSES = ["Neutral", "Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise", "Other"]
@@ -138,21 +138,33 @@ def list_videos(root, task:str, split:str) -> list[str]:
     return sorted(p.stem for p in d.glob("*.txt") if not p.name.startswith("."))
 
 # %% ../nbs/00_data.ipynb #bb11e085
-def _image_frames(folder) -> np.ndarray:
-    "The frame numbers of the `%05d.jpg` images in `folder`, from one directory listing (empty when it does not exist)."
-    try: names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError): return np.empty(0, np.int64)
-    return np.fromiter((int(n[:-4]) for n in names if n.endswith(".jpg") and n[:-4].isdigit()), np.int64)
+_IMAGE_NAME = re.compile(r"(\d+)\.jpg")
+
+def image_listing(folder) -> dict[int, tuple[str, int, int]]:
+    "Frame number → (file name, size, mtime in ns) of the numbered images (`%05d.jpg`) in `folder`, in frame order ({} when it does not exist)."
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir(): raise NotADirectoryError(f"image folder {folder} is a file, not a folder of %05d.jpg images")
+    try: entries = list(os.scandir(folder))
+    except FileNotFoundError: return {}
+    out = {}
+    for e in entries:
+        m = _IMAGE_NAME.fullmatch(e.name)
+        if not m or int(m[1]) < 1 or not e.is_file(): continue
+        if int(m[1]) in out: raise ValueError(f"image folder {folder}: frame {int(m[1])} has two images, "
+                                              f"{' and '.join(sorted([out[int(m[1])][0], e.name]))}; keep one")
+        st = e.stat()
+        out[int(m[1])] = (e.name, st.st_size, st.st_mtime_ns)
+    return dict(sorted(out.items()))
 
 def _video_index(root, task, split, video):
     "The frame table of `video` and the number of its images past the last annotated frame."
     df = read_annotation(split_dir(root, task, split)/f"{video}.txt", task)
-    folder, images = Path(root)/IMAGE_DIR/video, _image_frames(Path(root)/IMAGE_DIR/video)
-    prefix = os.path.join(folder, "")
+    folder = Path(root)/IMAGE_DIR/video
+    listing, prefix = image_listing(folder), os.path.join(folder, "")
     df["video"] = video
-    df["path"] = [f"{prefix}{f:05d}.jpg" for f in range(1, len(df) + 1)]
-    df["has_image"] = np.isin(df.frame.to_numpy(), images)
-    return df[["video", "frame", "path", "has_image", "valid", *label_columns(task)]], int((images > len(df)).sum())
+    df["path"] = [prefix + (listing[f][0] if f in listing else f"{f:05d}.jpg") for f in range(1, len(df) + 1)]
+    df["has_image"] = df.frame.isin(listing.keys()).to_numpy()
+    return df[["video", "frame", "path", "has_image", "valid", *label_columns(task)]], sum(f > len(df) for f in listing)
 
 def _empty_index(task):
     "A frame table of `task` with no rows."

@@ -19,10 +19,11 @@ from timm.data.transforms import MaybeToTensor
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 from . import data
+from .data import image_listing
 
 # %% auto #0
-__all__ = ['POOLINGS', 'get_device', 'file_sha256', 'load_backbone', 'cache_key', 'image_transform', 'normalize', 'image_listing',
-           'fingerprint', 'FeatureStore', 'FrameImages', 'rank_world', 'shard', 'extract_features', 'main']
+__all__ = ['POOLINGS', 'get_device', 'file_sha256', 'load_backbone', 'cache_key', 'image_transform', 'normalize', 'fingerprint',
+           'FeatureStore', 'FrameImages', 'rank_world', 'shard', 'extract_features', 'main']
 
 # %% ../nbs/02_features.ipynb #d7839582
 def get_device(device: str | torch.device = "auto") -> torch.device:
@@ -139,20 +140,6 @@ def normalize(x: torch.Tensor, data_config: dict) -> torch.Tensor:
     return x.float().div(255).sub(mean).div(std)
 
 # %% ../nbs/02_features.ipynb #2feaf823
-_IMAGE_NAME = re.compile(r"(\d+)\.jpg")
-
-def image_listing(folder: str | Path) -> dict[int, tuple[str, int, int]]:
-    "Frame number → (file name, size, mtime in ns) of the `%05d.jpg` images in `folder` ({} if it does not exist)."
-    try: entries = list(os.scandir(folder))
-    except FileNotFoundError: return {}
-    out = {}
-    for e in entries:
-        m = _IMAGE_NAME.fullmatch(e.name)
-        if m and int(m[1]) >= 1 and e.is_file():
-            st = e.stat()
-            out[int(m[1])] = (e.name, st.st_size, st.st_mtime_ns)
-    return dict(sorted(out.items()))
-
 def fingerprint(listing: dict, key: str) -> str:
     "Hash of an image folder's `listing` and the cache `key`."
     return hashlib.sha256(json.dumps([key, list(listing.values())]).encode()).hexdigest()[:32]

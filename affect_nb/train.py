@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from .data import AU_NAMES, EXPR_CLASSES, IMAGE_DIR, SPLITS, TASKS, frame_index, label_columns, list_videos, split_dir
-from .features import extract_features, image_listing
+from .data import AU_NAMES, EXPR_CLASSES, IMAGE_DIR, SPLITS, TASKS, frame_index, image_listing, label_columns, list_videos, split_dir
+from .features import extract_features
 from .losses import LOSSES, class_weights, loss_for
 from .masking import FrameMasking
 from .utils import atomic_write, atomic_write_text, git_commit
