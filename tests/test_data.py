@@ -1,40 +1,19 @@
 """Bad input, odd layouts and edge cases of the Aff-Wild2 reader (`affect_nb.data`), on tiny trees written here."""
-import os
+import os, subprocess, sys
 from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
 import numpy as np
 import pytest
 from PIL import Image
 
 from affect_nb import data
-from affect_nb.data import (AU_NAMES, EXPR_CLASSES, IMAGE_DIR, SPLITS, TASKS, AnnotationError, FrameBrowser,
-                            frame_index, label_columns, list_videos, read_annotation, summarize)
+from affect_nb.data import (AU_NAMES, EXPR_CLASSES, HEADERS, IMAGE_DIR, INVALID, SPLITS, TASKS, AnnotationError, check_task,
+                            frame_index, label_columns, list_videos, read_annotation, split_overlap)
 
-VA_HEADER = "valence,arousal"
-EXPR_HEADER = ",".join(EXPR_CLASSES)
-AU_HEADER = ",".join(AU_NAMES)
+from trees import AU_HEADER, EXPR_HEADER, VA_HEADER, ann, imageless_tree, jpgs, write
 
 
-def write(path, text, newline="\n"):
-    "Write `text` (lines joined by \\n) to `path` with `newline` line endings, creating folders."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.replace("\n", newline).encode())
-    return path
 
-
-def jpgs(root, video, frames):
-    "Write tiny 112×112 JPEG crops `%05d.jpg` for `frames` of `video` under `root`."
-    folder = Path(root) / IMAGE_DIR / video
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in frames: Image.new("RGB", (112, 112), (f * 20 % 256, 80, 120)).save(folder / f"{f:05d}.jpg")
-
-
-def ann(root, task, split, video, text, newline="\n"):
-    "Write the annotation file of `video` for `task` in `split` under `root`."
-    return write(Path(root) / TASKS[task] / SPLITS[split] / f"{video}.txt", text, newline)
 
 
 def raised(f):
@@ -147,13 +126,6 @@ def test_several_bad_files_one_error_naming_all(tmp_path):
     assert "good.txt" not in str(e)
 
 
-def test_summary_gathers_bad_files_of_all_tasks(tmp_path):
-    ann(tmp_path, "va", "train", "v1", f"{VA_HEADER}\n2,0\n")
-    ann(tmp_path, "expr", "train", "v1", f"{EXPR_HEADER}\n1\n11\n")
-    e = raised(lambda: summarize(tmp_path, "train"))
-    assert [(x.path.parent.parent.name, x.line) for x in e.errors] == [(TASKS["va"], 2), (TASKS["expr"], 3)]
-
-
 def test_frames_without_images_and_images_past_the_end(tmp_path):
     ann(tmp_path, "expr", "train", "v1", f"{EXPR_HEADER}\n0\n1\n2\n3\n4\n")
     jpgs(tmp_path, "v1", [1, 2, 4, 6, 7, 8])
@@ -163,8 +135,6 @@ def test_frames_without_images_and_images_past_the_end(tmp_path):
     assert idx.has_image.tolist() == [True, True, False, True, False]
     assert idx.has_image.tolist() == [os.path.exists(p) for p in idx.path]
     assert idx.path[2] == str(tmp_path / IMAGE_DIR / "v1" / "00003.jpg")
-    t = summarize(tmp_path, "train").table
-    assert t.loc["expr", ["frames", "frames_without_image", "images_past_end"]].tolist() == [5, 2, 3]
 
 
 def test_left_and_right_videos_have_their_own_folders(tmp_path):
@@ -184,40 +154,160 @@ def test_one_directory_listing_per_video(tmp_path, monkeypatch):
     for v in ("a", "b", "c"):
         ann(tmp_path, "au", "train", v, AU_HEADER + ("\n" + ",".join(["0"] * 12)) * 50)
         jpgs(tmp_path, v, [1, 2])
-    calls, listdir = [], os.listdir
-    monkeypatch.setattr(data.os, "listdir", lambda p: calls.append(p) or listdir(p))
+    calls, scandir = [], os.scandir
+    monkeypatch.setattr(data.os, "scandir", lambda p: calls.append(p) or scandir(p))
     def no_stat(*a, **k): raise AssertionError("one file check per frame")
     monkeypatch.setattr(data.os.path, "exists", no_stat)
     monkeypatch.setattr(data.os.path, "isfile", no_stat)
     monkeypatch.setattr(Path, "exists", no_stat)
     idx = frame_index(tmp_path, "au", "train")
+    monkeypatch.undo()  # before asserting: pytest's failure report checks paths itself
     assert len(idx) == 150 and idx.has_image.sum() == 6
-    assert sorted(Path(p).name for p in calls) == ["a", "b", "c"]
+    assert sorted(Path(p).name for p in calls if Path(p).parent.name == IMAGE_DIR) == ["a", "b", "c"]
 
 
-# ---------------------------------------------------------------- summary and browser
+# ---------------------------------------------------------------- reliability: overlap, images, confusions, names
 
-def test_summary_of_a_partial_tree(tmp_path):
-    ann(tmp_path, "va", "val", "v1", f"{VA_HEADER}\n0.5,0.5\n-5,-5\n-0.5,0.1\n")
-    jpgs(tmp_path, "v1", [1, 2, 3])
-    s = summarize(tmp_path, "val")
-    assert s.table.present.tolist() == [True, False, False]
-    assert s.table.loc["va", ["videos", "frames", "valid_frames"]].tolist() == [1, 3, 2]
-    np.testing.assert_allclose(s.va_stats.loc["valence", ["mean", "std"]], [0.0, np.std([0.5, -0.5], ddof=1)], atol=1e-6)
-    text = str(s)
-    assert "EXPR_Recognition_Challenge/Validation_Set  absent" in text and "AU_Detection_Challenge/Validation_Set" in text
-    fig = s.plot()
-    assert len(fig.axes) == 4 and not fig.axes[0].axison and not fig.axes[1].axison
-    empty = summarize(tmp_path / TASKS["va"], "val")
-    assert "No annotation folder" in str(empty) and "cropped_aligned" in str(empty)
+def test_split_overlap_names_videos_in_both_splits(tmp_path):
+    for v in ("b", "a", "c"): ann(tmp_path, "expr", "train", v, f"{EXPR_HEADER}\n1\n")
+    for v in ("c", "d", "a"): ann(tmp_path, "expr", "val", v, f"{EXPR_HEADER}\n1\n")
+    ann(tmp_path, "va", "val", "a", f"{VA_HEADER}\n0,0\n")            # VA has no Train_Set: counts as empty
+    assert split_overlap(tmp_path, "expr") == ["a", "c"]
+    assert split_overlap(tmp_path, "va") == [] and split_overlap(tmp_path, "au") == []
+    with pytest.raises(ValueError, match="'va', 'expr', 'au'"): split_overlap(tmp_path, "EXPR")
 
 
-def test_browser_render_and_bad_preds(tmp_path):
-    ann(tmp_path, "va", "val", "v1", f"{VA_HEADER}\n0.5,0.5\n-5,-5\n-0.5,0.1\n")
-    jpgs(tmp_path, "v1", [1, 3])
-    fig = FrameBrowser(tmp_path, "va", "val").render("v1", 3)
-    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), np.asarray(Image.open(tmp_path / IMAGE_DIR / "v1" / "00003.jpg")))
-    assert [l.get_xdata()[0] for l in fig.axes[1].lines if l.get_gid() == "current-frame"] == [3]
-    assert "invalid" in FrameBrowser(tmp_path).render("v1", 2).axes[0].get_title()
-    with pytest.raises(ValueError, match="video, frame"): FrameBrowser(tmp_path, preds=__import__("pandas").DataFrame({"x": [1]}))
-    with pytest.raises(ValueError, match="v9"): FrameBrowser(tmp_path, video="v9")
+
+def test_video_without_any_image_is_an_error_naming_it(tmp_path):
+    imageless_tree(tmp_path)
+    with pytest.raises(FileNotFoundError) as info: frame_index(tmp_path, "va", "val")
+    msg, images = str(info.value), tmp_path / IMAGE_DIR
+    assert msg.startswith(f"3 video(s) of va val ({tmp_path / TASKS['va'] / SPLITS['val']}) have no image for any annotated frame")
+    assert f"absent: no folder {images / 'absent'}" in msg and f"empty: {images / 'empty'} is empty" in msg
+    assert f"named: {images / 'named'} holds no numbered image (2 other file(s): frame_00001.jpg, frame_00002.jpg)" in msg
+    assert "00001.jpg, 00002.jpg, ... (%05d.jpg" in msg and 'on_missing_images="skip" skips such videos' in msg
+    assert "  ok:" not in msg
+    with pytest.raises(ValueError, match="unknown on_missing_images 'ignore': expected one of 'error', 'skip'"):
+        frame_index(tmp_path, "va", "val", on_missing_images="ignore")
+
+
+def test_video_without_any_image_is_skipped_with_a_warning(tmp_path):
+    imageless_tree(tmp_path)
+    with pytest.warns(UserWarning) as record: idx = frame_index(tmp_path, "va", "val", on_missing_images="skip")
+    assert len(record) == 1 and record[0].filename == __file__
+    assert str(record[0].message) == f"skipped 3 video(s) of va val without any image in {tmp_path / IMAGE_DIR}: absent, empty, named"
+    assert idx.video.unique().tolist() == ["ok"] and idx.has_image.tolist() == [True, False, True]
+    only_past_end = tmp_path / "past"
+    ann(only_past_end, "au", "train", "v", AU_HEADER + "\n" + ",".join(["0"] * 12) + "\n")
+    jpgs(only_past_end, "v", [2, 3])
+    with pytest.raises(FileNotFoundError, match="has images only past the last annotated frame 1"):
+        frame_index(only_past_end, "au", "train")
+
+
+def test_expr_one_hot_row_says_one_class_index_per_row(tmp_path):
+    path = ann(tmp_path, "expr", "val", "v", f"{EXPR_HEADER}\n0,0,0,0,1,0,0,0\n0,1,0,0,0,0,0,0\n")
+    e = raised(lambda: read_annotation(path, "expr"))
+    assert e.line == 2 and str(e).startswith(f"{path}, line 2: expected one value per row, a class index 0-7")
+    assert "got 8 values in '0,0,0,0,1,0,0,0'; this row looks one-hot" in str(e) and "(4 for Happiness)" in str(e)
+    assert "8 comma-separated" not in str(e) and "1 more bad line" in str(e)
+
+
+CONFUSED = {  # name: (task, file text, 1-based bad line, words the message must hold)
+    "expr_class_name":   ("expr", f"{EXPR_HEADER}\n0\nhappiness\n", 3, "write the class index 4, not the name"),
+    "va_spaces":         ("va", f"{VA_HEADER}\n0.1 0.2\n", 2, "separated by spaces: separate them by commas"),
+    "au_semicolons":     ("au", AU_HEADER + "\n" + ";".join(["0"] * 12) + "\n", 2, "separated by semicolons"),
+    "au_trailing_comma": ("au", AU_HEADER + "\n" + ",".join(["0"] * 12) + ",\n", 2,
+                          "got 13 values in '0,0,0,0,0,0,0,0,0,0,0,0,'; the line ends with a comma"),
+    "va_blank_line":     ("va", f"{VA_HEADER}\n0.1,0.2\n\n0.1,0.2\n", 3,
+                          "a blank line (each frame keeps its line: write -5,-5 for an invalid frame)"),
+    "expr_file_as_va":   ("va", f"{EXPR_HEADER}\n1\n", 1, "the header of the expr task: is the file in the wrong folder"),
+    "au_file_as_expr":   ("expr", f"{AU_HEADER}\n" + ",".join(["0"] * 12) + "\n", 1, "the header of the au task"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFUSED))
+def test_confused_formats_are_named(tmp_path, name):
+    task, text, line, words = CONFUSED[name]
+    path = write(tmp_path / f"{name}.txt", text)
+    e = raised(lambda: read_annotation(path, task))
+    assert e.line == line and str(e).startswith(f"{path}, line {line}: expected") and words in str(e)
+
+
+def test_header_only_file_is_an_error_naming_it(tmp_path):
+    path = ann(tmp_path, "au", "train", "v1", AU_HEADER + "\n\n")
+    e = raised(lambda: read_annotation(path, "au"))
+    assert e.path == path and e.line is None and str(e) == f"{path}: no frame rows after the header (line 2 labels frame 1): " \
+                                                           "remove the file if the video has no labels"
+    ann(tmp_path, "au", "train", "v2", AU_HEADER + "\n7\n")
+    e = raised(lambda: frame_index(tmp_path, "au", "train"))     # gathered with the other bad files of the split
+    assert [(x.path.name, x.line) for x in e.errors] == [("v1.txt", None), ("v2.txt", 2)]
+
+
+def test_image_folder_that_is_a_file_names_video_and_path(tmp_path):
+    for v in ("good", "f1", "f2"): ann(tmp_path, "va", "val", v, f"{VA_HEADER}\n0,0\n")
+    jpgs(tmp_path, "good", [1])
+    for v in ("f1", "f2"): write(tmp_path / IMAGE_DIR / v, "not a folder")
+    with pytest.raises(NotADirectoryError) as info: frame_index(tmp_path, "va", "val", videos=["good", "f1"])
+    assert str(info.value) == f"video 'f1': image folder {tmp_path / IMAGE_DIR / 'f1'} is a file, not a folder of %05d.jpg images"
+    with pytest.raises(NotADirectoryError) as info: frame_index(tmp_path, "va", "val", on_missing_images="skip")
+    assert str(info.value).startswith("2 bad image folders (fix each of them):")
+    assert f"video 'f1': image folder {tmp_path / IMAGE_DIR / 'f1'} is a file" in str(info.value)
+    assert f"video 'f2': image folder {tmp_path / IMAGE_DIR / 'f2'} is a file" in str(info.value)
+    jpgs(tmp_path, "dup", [3])
+    (tmp_path / IMAGE_DIR / "dup" / "00003.jpg").rename(tmp_path / IMAGE_DIR / "dup" / "3.jpg")
+    jpgs(tmp_path, "dup", [3])
+    ann(tmp_path, "va", "val", "dup", f"{VA_HEADER}\n0,0\n")
+    with pytest.raises(ValueError, match="3 bad image folders") as info: frame_index(tmp_path, "va", "val")
+    assert "video 'dup': image folder" in str(info.value) and "frame 3 has two images, 00003.jpg and 3.jpg" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["../../outside/victim", "../outside/victim", "sub/victim", ".."])
+def test_video_names_that_are_paths_are_refused(tmp_path, name):
+    root = tmp_path / "tree" / "affwild2"
+    ann(root, "va", "val", "v1", f"{VA_HEADER}\n0,0\n"); jpgs(root, "v1", [1])
+    outside = write(tmp_path / "outside" / "victim.txt", f"{VA_HEADER}\n0.9,0.9\n")   # a planted, valid annotation file
+    jpgs(tmp_path / "outside", "victim", [1])
+    for n in (name, str(outside.with_suffix(""))):
+        with pytest.raises(ValueError) as info: frame_index(root, "va", "val", videos=["v1", n])
+        assert str(info.value).startswith(f"video {n!r} is not a single file or folder name")
+        with pytest.raises(ValueError, match="is not a single file or folder name"): frame_index(root, "va", "val", videos=n)
+
+
+def test_annotation_file_names_that_are_not_one_folder_name(tmp_path):
+    ann(tmp_path, "va", "val", "v1", f"{VA_HEADER}\n0,0\n")
+    odd = ann(tmp_path, "va", "val", "a\\b", f"{VA_HEADER}\n0,0\n")
+    for f in (lambda: list_videos(tmp_path, "va", "val"), lambda: frame_index(tmp_path, "va", "val"),
+              lambda: split_overlap(tmp_path, "va")):
+        with pytest.raises(ValueError) as info: f()
+        assert "video 'a\\\\b' is not a single file or folder name" in str(info.value)
+        assert f"rename the annotation file {odd}" in str(info.value)
+
+
+
+# ---------------------------------------------------------------- one home for the constants; no plotting in the reader
+
+def test_check_task_names_the_task_and_the_options():
+    assert [check_task(t) for t in ("va", "expr", "au")] == ["va", "expr", "au"]
+    for bad in ("VA", "valence", "", None, ["va"]):
+        with pytest.raises(ValueError) as info: check_task(bad)
+        assert str(info.value) == f"unknown task {bad!r}: expected one of 'va', 'expr', 'au'"
+    with pytest.raises(ValueError, match="unknown task 'EXPR'"): frame_index(Path("."), "EXPR", "val")
+
+
+def test_invalid_markers_are_what_the_reader_treats_as_invalid(tmp_path):
+    assert INVALID == {"va": -5.0, "expr": -1, "au": -1} and list(HEADERS) == list(TASKS)
+    for task in TASKS:
+        k = len(label_columns(task))
+        row = ",".join([f"{INVALID[task]:g}"] * k)
+        ok = {"va": "0.1,0.2", "expr": "3", "au": ",".join(["1"] * 12)}[task]
+        df = read_annotation(write(tmp_path / f"{task}.txt", "\n".join([",".join(HEADERS[task]), ok, row]) + "\n"), task)
+        assert df.valid.tolist() == [True, False], task
+        assert (df[label_columns(task)].iloc[1] == INVALID[task]).all(), task
+
+
+def test_data_layer_imports_no_plotting_or_widgets():
+    "The reader is imported by training and the command-line tools: it must not pull in matplotlib, PIL, ipywidgets or IPython."
+    code = "import sys, affect_nb.data; print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'PIL', 'ipywidgets', 'IPython'}))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", f"affect_nb.data imports {r.stdout.strip()}"

@@ -1,6 +1,6 @@
-"""Frame features: equality with a direct timm forward, weight files, cache keys, resuming, changed and bad images,
-torchrun sharding and the command line, on a tiny ViT and tiny JPEG folders."""
-import json, os, subprocess, sys, time
+"""Frame features: equality with a direct timm forward, weight files by name, resuming, changed and bad images, the store layout,
+concurrent extractions, torchrun sharding and the command line, on a tiny ViT and tiny JPEG folders."""
+import json, os, re, shutil, subprocess, sys, threading, time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,15 @@ from safetensors.torch import save_file
 from timm.data import create_transform
 
 from affect_nb import features as F
-from affect_nb.data import IMAGE_DIR, TASKS, SPLITS
+from affect_nb.cli import main_extract
+from affect_nb.backbone import cache_key, file_sha256, load_backbone
+from affect_nb.data import IMAGE_DIR, TASKS, SPLITS, frame_index, image_listing
+
+from trees import save_tiny_vit
 
 TINY = dict(name="vit_tiny_patch16_224", img_size=32, depth=2)
 ROOT = Path(__file__).resolve().parents[1]
+EXTRACT = Path(sys.executable).parent / "affect-extract"
 
 
 def make_tree(root, n_frames=None, size=32, seed=0, gaps=None, extra=None):
@@ -46,18 +51,6 @@ def store_arrays(store):
     return {v: tuple(np.array(a) for a in store.load(v)) for v in store.videos}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    "One torch thread: the suite runs in parallel on a few shared cores, where OpenMP threads waiting on each other are many times slower."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return F.load_backbone(**TINY, pretrained=False)
 
 
 @pytest.fixture
@@ -67,7 +60,7 @@ def tree(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["avg", "token"])
 def test_features_equal_direct_timm_forward(tmp_path, tree, pooling):
-    model = F.load_backbone(**TINY, pretrained=False, pooling=pooling)
+    model = load_backbone(**TINY, pretrained=False, pooling=pooling)
     store = F.extract_features(tree, tmp_path / "cache", model, batch_size=4, num_workers=2, progress=False)
     assert store.videos == ["v1", "v2", "v3"] and sorted(store.computed) == store.videos
     for v, n in {"v1": 6, "v2": 5, "v3": 4}.items():
@@ -94,96 +87,25 @@ def test_features_for_aligns_with_index_rows(tmp_path, tree, tiny):
     with pytest.raises(KeyError, match="v9"): store.load("v9")
 
 
-def _save_tiny(path, seed, **kw):
-    torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=kw.pop("depth", 2), fc_norm=False, **kw).eval()
-    sd = m.state_dict()
-    save_file(sd, str(path)) if str(path).endswith(".safetensors") else torch.save(sd, path)
-    return m
-
-
-def test_weights_file_loads_that_model(tmp_path, tree, tiny):
-    ref = _save_tiny(tmp_path / "w.safetensors", seed=7, num_classes=0, global_pool="avg")
-    m = F.load_backbone(**TINY, weights=tmp_path / "w.safetensors")
-    x = torch.randn(4, 3, 32, 32)
-    with torch.inference_mode():
-        np.testing.assert_array_equal(m(x).numpy(), ref(x).numpy())
-        assert (m(x) - tiny(x)).abs().max() > 0.1
-    assert m.cache_identity["weights"] == "sha256:" + F.file_sha256(tmp_path / "w.safetensors") and m.cache_identity["pretrained"]
-    # a checkpoint with a classifier head (.pth) loads into the headless feature model
-    ref2 = _save_tiny(tmp_path / "w.pth", seed=8, num_classes=5, global_pool="avg")
-    m2 = F.load_backbone(**TINY, weights=tmp_path / "w.pth")
-    with torch.inference_mode(): np.testing.assert_allclose(m2(x).numpy(), ref2.forward_head(ref2.forward_features(x), pre_logits=True).numpy(), atol=1e-6)
-
 
 def test_extract_with_weights_by_name(tmp_path, tree):
-    ref = _save_tiny(tmp_path / "w.safetensors", seed=7, num_classes=0, global_pool="avg")
-    ref.data_config, ref.cache_identity = F.load_backbone(**TINY, pretrained=False).data_config, dict(pooling="avg")
+    ref = save_tiny_vit(tmp_path / "w.safetensors", seed=7, num_classes=0, global_pool="avg")
+    ref.data_config, ref.cache_identity = load_backbone(**TINY, pretrained=False).data_config, dict(pooling="avg")
     store = F.extract_features(tree, tmp_path / "cache", TINY["name"], weights=tmp_path / "w.safetensors", img_size=32,
                                depth=2, num_workers=0, progress=False)
-    assert store.manifest["weights"] == "sha256:" + F.file_sha256(tmp_path / "w.safetensors")
+    assert store.manifest["weights"] == "sha256:" + file_sha256(tmp_path / "w.safetensors")
     for v in store.videos:
         rows = tree[(tree.video == v) & tree.has_image]
         x, _, has = store.load(v)
         np.testing.assert_allclose(x[has].astype(np.float32), direct(ref, rows.path), atol=4e-3, rtol=2e-3)
 
 
-def test_weights_that_do_not_fit_are_an_error(tmp_path):
-    _save_tiny(tmp_path / "deep.safetensors", seed=1, depth=3, num_classes=0)
-    with pytest.raises(ValueError, match="do not fit.*Unexpected keys.*blocks.2"):
-        F.load_backbone(**TINY, weights=tmp_path / "deep.safetensors")
-    _save_tiny(tmp_path / "shallow.safetensors", seed=1, depth=1, num_classes=0)
-    with pytest.raises(ValueError, match="do not fit.*Missing keys.*blocks.1"):
-        F.load_backbone(**TINY, weights=tmp_path / "shallow.safetensors")
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        F.load_backbone(**TINY, weights=tmp_path / "nope.safetensors")
-
-
-def test_weights_resized_to_another_img_size(tmp_path):
-    _save_tiny(tmp_path / "w.safetensors", seed=3, num_classes=0)
-    m = F.load_backbone(**{**TINY, "img_size": 48}, weights=tmp_path / "w.safetensors")
-    assert m.pos_embed.shape == (1, 1 + 9, 192) and m.data_config["input_size"] == (3, 48, 48)
-
-
-def test_pretrained_without_hub_or_file_fails_fast(monkeypatch):
-    import huggingface_hub
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    t = time.time()
-    with pytest.raises(RuntimeError, match=r"weights=PATH.*pretrained=False"):
-        F.load_backbone("vit_base_patch16_224.orig_in21k")
-    assert time.time() - t < 30, "offline, the error must come at once, not after the hub's retries"
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(F, "_reachable", lambda url, timeout=3.0: False)
-    with pytest.raises(RuntimeError, match="cannot be reached"):
-        F.load_backbone("vit_tiny_patch16_224", img_size=32)
-    with pytest.raises(ValueError, match="unknown timm model"):
-        F.load_backbone("no_such_vit")
-
-
-def test_random_init_is_seeded():
-    x = torch.randn(2, 3, 32, 32)
-    a, b, c = (F.load_backbone(**TINY, pretrained=False, seed=s) for s in (0, 0, 1))
-    with torch.inference_mode():
-        assert torch.equal(a(x), b(x)) and not torch.allclose(a(x), c(x))
-
-
-def test_cache_key_changes_with_every_setting(tmp_path):
-    _save_tiny(tmp_path / "a.safetensors", seed=1, num_classes=0)
-    _save_tiny(tmp_path / "b.safetensors", seed=2, num_classes=0)
-    key = lambda **kw: F.cache_key(F.load_backbone(**{**TINY, "pretrained": False, **kw}).cache_identity)
-    keys = [key(), key(pooling="token"), key(img_size=48), key(name="vit_small_patch16_224"), key(seed=1),
-            key(weights=tmp_path / "a.safetensors"), key(weights=tmp_path / "b.safetensors"), key(crop_pct=None), key(depth=1)]
-    assert len(set(keys)) == len(keys)
-    assert key() == key() and key(weights=tmp_path / "a.safetensors") == key(weights=tmp_path / "a.safetensors")
-
-
 def test_second_run_computes_nothing(tmp_path, tree, tiny):
     s1 = F.extract_features(tree, tmp_path / "cache", tiny, num_workers=0, progress=False)
-    mtimes = {p: p.stat().st_mtime_ns for p in s1.root.glob("v*")}
+    mtimes = {p: p.stat().st_mtime_ns for p in s1.folder.glob("v*")}
     s2 = F.extract_features(tree, tmp_path / "cache", tiny, num_workers=0, progress=False)
-    assert s2.computed == [] and len(s2) == 3
-    assert {p: p.stat().st_mtime_ns for p in s2.root.glob("v*")} == mtimes
+    assert s2.computed == [] and len(s2) == 3 and len(mtimes) >= 6
+    assert {p: p.stat().st_mtime_ns for p in s2.folder.glob("v*")} == mtimes
 
 
 def test_interrupted_run_resumes_with_identical_results(tmp_path, tree, tiny, monkeypatch):
@@ -197,7 +119,7 @@ def test_interrupted_run_resumes_with_identical_results(tmp_path, tree, tiny, mo
     with pytest.raises(KeyboardInterrupt): F.extract_features(tree, tmp_path / "cache", tiny, num_workers=2, progress=False)
     monkeypatch.setattr(F.FeatureStore, "write", write)
     store = F.FeatureStore(next((tmp_path / "cache").iterdir()))
-    assert store.videos == [calls[0]] and not list(store.root.glob(".*"))
+    assert store.videos == [calls[0]] and not list(store.root.rglob(".*"))
     resumed = F.extract_features(tree, tmp_path / "cache", tiny, num_workers=0, progress=False)
     assert sorted(resumed.computed) == sorted(set(clean) - {calls[0]})
     got = store_arrays(resumed)
@@ -256,9 +178,10 @@ TORCHRUN_SCRIPT = """
 import json, os, sys
 import pandas as pd, torch.distributed as dist
 from affect_nb import features as F
+from affect_nb.backbone import load_backbone
 dist.init_process_group("gloo")
 idx = pd.read_csv(sys.argv[1])
-model = F.load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+model = load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
 store = F.extract_features(idx, sys.argv[2], model, batch_size=4, num_workers=0, progress=False)
 json.dump(dict(rank=dist.get_rank(), computed=store.computed, n=len(store)), open(f"{sys.argv[3]}/rank{dist.get_rank()}.json", "w"))
 dist.destroy_process_group()
@@ -304,17 +227,19 @@ def _va_tree(root, n_frames):
 
 def test_command_line(tmp_path, tiny, capsys):
     _va_tree(tmp_path / "aw", {"a": 4, "b": 3})
-    store = F.main([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny_patch16_224",
-                    "--no-pretrained", "--img-size", "32", "--num-workers", "0", "--batch-size", "2"])
+    assert main_extract([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny_patch16_224",
+                   "--no-pretrained", "--img-size", "32", "--num-workers", "0", "--batch-size", "2"]) == 0
+    full = load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    store = F.FeatureStore(tmp_path / "cache" / cache_key(full.cache_identity))
     assert f"2 videos in {store.root} (2 computed" in capsys.readouterr().out
     assert store.videos == ["a", "b"] and store.load("b")[2].tolist() == [True, False, True]
-    full = F.load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32)
-    assert store.key == F.cache_key(full.cache_identity)
     paths = [tmp_path / "aw" / IMAGE_DIR / "a" / f"{f:05d}.jpg" for f in range(1, 5)]
     np.testing.assert_allclose(store.load("a")[0].astype(np.float32), direct(full, paths), atol=4e-3, rtol=2e-3)
-    assert F.main([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny_patch16_224",
-                   "--no-pretrained", "--img-size", "32", "--num-workers", "0"]).computed == []
-    with pytest.raises(SystemExit): F.main([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "c"), "--task", "expr", "--no-pretrained"])
+    assert main_extract([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), "--backbone", "vit_tiny_patch16_224",
+                   "--no-pretrained", "--img-size", "32", "--num-workers", "0"]) == 0
+    assert "(0 computed by this process)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e: main_extract([str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "c"), "--task", "expr", "--no-pretrained"])
+    assert e.value.code == 2 and "task 'expr'" in capsys.readouterr().err
 
 
 def test_benchmark_notebook_quick(tmp_path, monkeypatch):
@@ -327,3 +252,175 @@ def test_benchmark_notebook_quick(tmp_path, monkeypatch):
     assert {"model", "img_size", "bare_fps", "pipeline_fps", "ratio", "load_fps"} <= set(df.columns)
     assert (df.bare_fps > 0).all() and (df.pipeline_fps > 0).all()
     np.testing.assert_allclose(df.ratio, df.pipeline_fps / df.bare_fps, rtol=1e-3)
+
+
+# --- reliability: unreadable weight files, store layout and video names, concurrent extractions, the console script ---
+
+def test_extraction_with_an_unreadable_weight_file_stops_before_creating_the_cache(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(bytes(range(256)) * 16)
+    with pytest.raises(ValueError, match=r"junk\.pth .*not a readable torch checkpoint"):
+        F.extract_features(make_tree(tmp_path / "tree"), tmp_path / "cache", TINY["name"], weights=tmp_path / "junk.pth", img_size=32,
+                           depth=2)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_video_named_manifest_is_stored_beside_the_manifest_safely(tmp_path, tiny):
+    idx = make_tree(tmp_path / "tree", {"manifest": 4, "v1": 3}, gaps={}, extra={})
+    s = F.extract_features(idx, tmp_path / "cache", tiny, num_workers=0, progress=False)
+    assert s.videos == ["manifest", "v1"] and sorted(s.computed) == s.videos
+    assert s.manifest["key"] == s.key and s.manifest["format"] == F.STORE_FORMAT and s.manifest["dim"] == 192
+    rows = idx[idx.video == "manifest"]
+    np.testing.assert_allclose(s.load("manifest")[0].astype(np.float32), direct(tiny, rows.path), atol=4e-3, rtol=2e-3)
+    assert F.extract_features(idx, tmp_path / "cache", tiny, num_workers=0, progress=False).computed == []
+
+
+def test_a_store_of_the_old_layout_is_moved_not_recomputed(tmp_path, tree, tiny):
+    s = F.extract_features(tree, tmp_path / "cache", tiny, num_workers=0, progress=False)
+    before = store_arrays(s)
+    for p in s.folder.glob("*.*"):  # format 1: the video files beside manifest.json
+        if p.suffix in (".npy", ".json"): p.rename(s.root / p.name)
+    shutil.rmtree(s.folder)
+    old = s.manifest; del old["format"]
+    (s.root / "manifest.json").write_text(json.dumps(old))
+    s2 = F.extract_features(tree, tmp_path / "cache", tiny, num_workers=0, progress=False)
+    assert s2.computed == [] and s2.manifest["format"] == F.STORE_FORMAT
+    assert sorted(p.name for p in s2.root.iterdir()) == ["manifest.json", "videos"]
+    got = store_arrays(s2)
+    assert got.keys() == before.keys()
+    for v in before:
+        for a, b in zip(got[v], before[v]): np.testing.assert_array_equal(a, b)
+
+
+def test_a_video_name_is_one_path_component(tmp_path, tiny):
+    store = F.FeatureStore(tmp_path / "cache" / "k")
+    feats, has = np.ones((2, 4)), np.ones(2, bool)
+    for bad in ["../x", "a/b", "..", ""]:
+        for call in (lambda: store.write(bad, feats, has, "fp"), lambda: store.load(bad), lambda: store.info(bad),
+                     lambda: store.features_for(bad, [1]), lambda: store.is_done(bad, "fp")):
+            with pytest.raises(ValueError, match=f"video {bad!r} is not a single file or folder name"): call()
+    idx = make_tree(tmp_path / "tree", {"v1": 3}, gaps={}, extra={})
+    idx = pd.concat([idx, idx.assign(video="../x")])
+    with pytest.raises(ValueError, match=r"video '\.\./x'"):
+        F.extract_features(idx, tmp_path / "cache", tiny, num_workers=0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tree"]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.suffix in (".npy", ".json") and p.name != "manifest.json"]
+
+
+def test_an_extraction_waits_for_a_video_another_process_holds(tmp_path, tree, tiny):
+    """Another holder of v2's lock (a thread with its own lock file handle, as another process would have): the extraction does v1 and v3,
+    waits for v2, then skips it when the holder stored it, or computes it when the holder let go without storing it."""
+    ref = F.extract_features(tree, tmp_path / "ref", tiny, num_workers=0, progress=False)
+    for finishes in (True, False):
+        store = F.FeatureStore(tmp_path / f"cache{finishes}" / ref.key)
+        held = threading.Event()
+        def other():
+            with store.lock("v2"):
+                held.set()
+                time.sleep(1.0)
+                if finishes:
+                    x, _, has = ref.load("v2")
+                    fp = F.fingerprint(image_listing(tmp_path / "tree" / IMAGE_DIR / "v2"), ref.key)
+                    store.write("v2", np.array(x), has, fp)
+        t = threading.Thread(target=other)
+        t.start(); held.wait(10)
+        t0 = time.time()
+        s = F.extract_features(tree, store.root.parent, tiny, num_workers=0, progress=False)
+        waited = time.time() - t0
+        t.join()
+        assert waited > 0.8 and s.computed == (["v1", "v3"] if finishes else ["v1", "v3", "v2"]), (waited, s.computed)
+        assert s.videos == ref.videos and all(s.info(v) == ref.info(v) for v in ref.videos)
+        np.testing.assert_array_equal(s.load("v2")[0], ref.load("v2")[0])
+
+
+CONCURRENT_SCRIPT = """
+import json, sys, time
+from pathlib import Path
+import pandas as pd
+from affect_nb import features as F
+from affect_nb.backbone import load_backbone
+idx, cache, out, me = pd.read_csv(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+model = load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+(out / f"ready{me}").touch()
+while len(list(out.glob("ready*"))) < 2: time.sleep(0.005)  # start together
+store = F.extract_features(idx, cache, model, batch_size=2, num_workers=0, progress=False)
+(out / f"done{me}.json").write_text(json.dumps(dict(computed=store.computed, n=len(store))))
+"""
+
+
+def test_two_extractions_into_one_cache_compute_each_video_once(tmp_path, tiny):
+    idx = make_tree(tmp_path / "tree", {f"v{i}": 4 + i % 3 for i in range(8)}, gaps={"v0": [2]}, extra={})
+    idx.to_csv(tmp_path / "index.csv", index=False)
+    (tmp_path / "run.py").write_text(CONCURRENT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(tmp_path / "run.py"), str(tmp_path / "index.csv"), str(tmp_path / "cache"), str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, *args, str(i)], stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    runs = [json.loads((tmp_path / f"done{i}.json").read_text()) for i in range(2)]
+    computed = runs[0]["computed"] + runs[1]["computed"]
+    assert sorted(computed) == sorted(set(idx.video)) and all(o["n"] == 8 for o in runs), runs
+    one = F.extract_features(idx, tmp_path / "one", tiny, batch_size=2, num_workers=0, progress=False)
+    two = F.FeatureStore(tmp_path / "cache" / one.key)
+    assert two.videos == one.videos and two.manifest == one.manifest
+    for v in one.videos:
+        assert two.info(v) == one.info(v)
+        np.testing.assert_allclose(two.load(v)[0].astype(np.float32), one.load(v)[0].astype(np.float32), atol=2e-3, rtol=1e-3)
+
+
+CLI_TINY = ["--backbone", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32", "--num-workers", "0", "--batch-size", "2"]
+
+
+def test_console_script_exits_0_and_one_line_2_on_a_bad_input(tmp_path):
+    assert EXTRACT.exists(), f"the console script {EXTRACT} is not installed (pip install -e .)"
+    _va_tree(tmp_path / "aw", {"a": 3, "b": 2})
+    run = lambda *a: subprocess.run([str(EXTRACT), str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), *CLI_TINY, *a],
+                                    capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^2 videos in \S+ \(2 computed by this process\)$", r.stdout, re.M), r.stdout
+    assert F.FeatureStore(next((tmp_path / "cache").iterdir())).videos == ["a", "b"]
+    (tmp_path / "w.pth").write_text("not weights\n")
+    r = run("--weights", str(tmp_path / "w.pth"))
+    assert r.returncode == 2 and r.stderr.splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"affect-extract: error: weights file {tmp_path / 'w.pth'} ") and r.stdout == ""
+
+
+def test_console_script_under_torchrun_every_rank_exits_0(tmp_path):
+    _va_tree(tmp_path / "aw", {"a": 5, "b": 4, "c": 3, "d": 3})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(EXTRACT), str(tmp_path / "aw"), "--cache-dir", str(tmp_path / "cache"), *CLI_TINY, "--device", "cpu"],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    ranks = dict(re.findall(r"rank (\d)/2: 4 videos in \S+ \((\d+) computed by this process\)", r.stdout))
+    assert sorted(ranks) == ["0", "1"] and all(int(n) > 0 for n in ranks.values()) and sum(map(int, ranks.values())) == 4, r.stdout
+    full = load_backbone("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    two = F.FeatureStore(tmp_path / "cache" / cache_key(full.cache_identity))
+    index = frame_index(tmp_path / "aw", "va", "train")
+    one = F.extract_features(index, tmp_path / "one", full, batch_size=2, num_workers=0, progress=False)
+    assert two.videos == one.videos == ["a", "b", "c", "d"]
+    for v in one.videos:
+        assert two.info(v) == one.info(v)
+        np.testing.assert_allclose(two.load(v)[0].astype(np.float32), one.load(v)[0].astype(np.float32), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["{missing}", "--cache-dir", "{c}"], "data folder {missing} does not exist"),
+    (["{aw}"], "the following arguments are required: --cache-dir"),
+    (["{aw}", "--cache-dir", "{c}", "--split", "val"], "split 'val' has no Validation_Set folder under {aw}"),
+    (["{aw}", "--cache-dir", "{c}", "--split", "test"], "argument --split: invalid choice: 'test'"),
+    (["{aw}", "--cache-dir", "{c}", "--task", "au"], "task 'au' has no Train_Set or Validation_Set folder in {aw}/AU_Detection_Challenge"),
+    (["{aw}", "--cache-dir", "{c}", "--img-size", "0"], "argument --img-size: must be at least 1, got 0"),
+    (["{aw}", "--cache-dir", "{c}", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    (["{aw}", "--cache-dir", "{c}", "--num-workers", "-1"], "argument --num-workers: must be at least 0, got -1"),
+    (["{aw}", "--cache-dir", "{c}", "--pooling", "max"], "argument --pooling: invalid choice: 'max'"),
+    (["{aw}", "--cache-dir", "{c}", "--device", "gpu"], "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+    (["{aw}", "--cache-dir", "{c}", "--backbone", "no_such_vit"], "unknown timm model 'no_such_vit'"),
+    (["{aw}", "--cache-dir", "{c}", "--weights", "{missing}.safetensors"], "weight file {missing}.safetensors does not exist"),
+    (["{aw}", "--cache-dir", "{aw}/cropped_aligned/a/00001.jpg"], "cache folder {aw}/cropped_aligned/a/00001.jpg is not writable"),
+])
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys, args, named):
+    _va_tree(tmp_path / "aw", {"a": 2})
+    fill = lambda s: s.format(aw=tmp_path / "aw", c=tmp_path / "cache", missing=tmp_path / "nope")
+    with pytest.raises(SystemExit) as e: main_extract([fill(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("affect-extract: error: ") and fill(named) in err, err

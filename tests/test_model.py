@@ -6,14 +6,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from affect_nb.losses import CCCLoss
-from affect_nb.model import TemporalTransformer, build_model, sinusoidal_positions, task_head
+from affect_nb.model import TemporalTransformer, sinusoidal_positions, task_head
 
 TINY = dict(d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=40)
 
 
 def tiny(task="va", seed=0, **kw):
     torch.manual_seed(seed)
-    return build_model(task, in_dim=6, **{**TINY, **kw})
+    return TemporalTransformer.for_task(task, 6, **{**TINY, **kw})
 
 
 @pytest.mark.parametrize("pos", ["sinusoidal", "learned"])
@@ -146,7 +146,7 @@ def test_errors():
 
 
 def test_defaults_are_the_papers_configuration():
-    m = build_model("va")
+    m = TemporalTransformer.for_task("va")
     layer = m.encoder.layers[0]
     assert (m.in_dim, m.head.in_features, len(m.encoder.layers)) == (768, 768, 6)
     assert layer.self_attn.num_heads == 8 and layer.dropout.p == 0.2 and m.pos.kind == "sinusoidal"

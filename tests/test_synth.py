@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from affect_nb.data import frame_index, summarize
+from affect_nb.data import frame_index
+from affect_nb.explore import summarize
 from affect_nb.synth import GENERATOR_VERSION, MARKER, make_synthetic, synthetic_params, synthetic_version
 
 SMALL = dict(n_videos=6, n_frames=30)
 
-# The formats as DESIGN.md states them, written out here rather than imported, so the files are checked against the spec.
+# The formats as the design chapter (nbs/design.ipynb) states them, written out here rather than imported, so the files are checked against the spec.
 FOLDERS = {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge", "au": "AU_Detection_Challenge"}
 SPLIT_FOLDERS = {"train": "Train_Set", "val": "Validation_Set"}
 HEADERS = {"va": "valence,arousal", "expr": "Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other",
@@ -157,7 +158,7 @@ def test_cli_builds_reuses_refuses_and_rebuilds(tmp_path):
     assert r.returncode == 0 and "reusing" in r.stdout
     assert mtimes(root) == t
     r = cli(root, *args, "--seed", 1)
-    assert r.returncode != 0 and "--force" in r.stderr
+    assert r.returncode == 2 and "--force" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert tree_hash(root) == h
     r = cli(root, *args, "--seed", 1, "--force")
     assert r.returncode == 0, r.stderr
@@ -171,10 +172,34 @@ def test_cli_never_overwrites_a_folder_that_is_not_a_synthetic_tree(tmp_path):
     (mine / "notes.txt").write_text("real data")
     for extra in ([], ["--force"]):
         r = cli(mine, "--n-videos", 3, "--n-frames", 20, *extra)
-        assert r.returncode != 0 and "refusing to overwrite" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and r.stderr.startswith(f"affect-synth: error: {mine} is not empty") and r.stderr.count("\n") == 1, r.stderr
+        assert "refusing to overwrite" in r.stderr
     assert (mine / "notes.txt").read_text() == "real data" and sorted(p.name for p in mine.iterdir()) == ["cropped_aligned", "notes.txt"]
     r = cli(tmp_path / "x", "--n-videos", 1)
-    assert r.returncode != 0 and "at least 2" in r.stderr and not (tmp_path / "x").exists()
+    assert r.returncode == 2 and "n_videos must be at least 2" in r.stderr and r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, named", [
+    ([], "the following arguments are required: root"),
+    (["{root}", "--n-frames", "many"], "argument --n-frames: invalid int value: 'many'"),
+    (["{root}", "--n-frames", "5"], "n_frames must be at least 10, got 5"),
+    (["{root}", "--n-videos", "3", "--colour"], "unrecognized arguments: --colour"),
+    (["{file}", "--n-videos", "3", "--n-frames", "20"], "{file} is a file, not a folder"),
+    (["{file}/tree", "--n-videos", "3", "--n-frames", "20"], "{file}"),
+])
+def test_cli_bad_inputs_are_one_line_and_status_2(tmp_path, capsys, args, named):
+    from affect_nb.synth import main
+    (tmp_path / "notes.txt").write_text("x")
+    fill = lambda a: a.format(root=tmp_path / "tree", file=tmp_path / "notes.txt")
+    with pytest.raises(SystemExit) as e: main([fill(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("affect-synth: error: ") and fill(named) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_cli_exits_0(tmp_path):
+    from affect_nb.synth import main
+    assert main([str(tmp_path / "tree"), "--n-videos", "3", "--n-frames", "20"]) == 0 and synthetic_params(tmp_path / "tree")["n_videos"] == 3
 
 
 def _interrupt_after(monkeypatch, n):

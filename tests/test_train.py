@@ -10,8 +10,14 @@ import torch
 
 from affect_nb.data import EXPR_CLASSES, AU_NAMES, frame_index
 from affect_nb.features import extract_features
+from affect_nb.cli import main_predict
+from affect_nb.config import load_checkpoint
+from affect_nb.metrics import score_videos
+from affect_nb.predict import predict, predict_videos, predictions_frame, write_submission
 from affect_nb.synth import make_synthetic
-from affect_nb import train as T
+from affect_nb.params import prepare_data_dir
+from affect_nb.train import train
+from affect_nb.windows import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,28 +45,29 @@ def tiny(tmp_path_factory):
 
 
 def run_train(data, cache, out, task="expr", **over):
-    return T.train(data, task, out, cache_dir=cache, **BACKBONE, progress=False, feature_workers=0, **{**TINY, **over})
+    return train(data, task, out, cache_dir=cache, **BACKBONE, progress=False, feature_workers=0, **{**TINY, **over})
 
 
 def test_same_seed_same_metrics(tiny, tmp_path):
     data, cache = tiny
     a, b = run_train(data, cache, tmp_path / "a"), run_train(data, cache, tmp_path / "b")
-    assert a["metrics"] == b["metrics"]
-    pd.testing.assert_frame_equal(a["history"].drop(columns=["seconds", "train_windows_per_s"]),
-                                  b["history"].drop(columns=["seconds", "train_windows_per_s"]))
+    assert a.metrics == b.metrics
+    pd.testing.assert_frame_equal(a.history.drop(columns=["seconds", "train_windows_per_s"]),
+                                  b.history.drop(columns=["seconds", "train_windows_per_s"]))
     c = run_train(data, cache, tmp_path / "c", seed=1)
-    assert c["history"]["train_loss"].tolist() != a["history"]["train_loss"].tolist()
+    assert c.history["train_loss"].tolist() != a.history["train_loss"].tolist()
 
 
 KILL_AT_EPOCH = """
 import os, signal, sys
 import affect_nb.train as T
+from affect_nb.cli import main_train
 inner = T._train_epoch
-def epoch(*a, **k):
-    if a[5] == {epoch}: os.kill(os.getpid(), signal.SIGKILL)
-    return inner(*a, **k)
+def epoch(run, epoch, progress):
+    if epoch == {epoch}: os.kill(os.getpid(), signal.SIGKILL)
+    return inner(run, epoch, progress)
 T._train_epoch = epoch
-T.main_train(sys.argv[1:])
+main_train(sys.argv[1:])
 """
 
 
@@ -86,33 +93,33 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(tiny, tmp_path):
-    "Data parallel over 2 CPU processes (gloo) reaches the single-process validation P within 0.05; its evaluation is exact."
+    """Data parallel over 2 CPU processes (gloo, `affect-train` under torch.distributed.run, status 0) reaches the single-process
+    validation P within 0.05; its evaluation is exact."""
     data, cache = tiny
     config = {**TINY, "dropout": 0.0, "mask_p": 0.0, "epochs": 3}
     args = [str(data), "--task", "expr", "--cache-dir", str(cache), *cli_args(BACKBONE), *cli_args(config)]
-    one = subprocess.run([sys.executable, "-c", "import affect_nb.train as T, sys; T.main_train(sys.argv[1:])", *args,
+    one = subprocess.run([sys.executable, "-c", "import sys; from affect_nb.cli import main_train; main_train(sys.argv[1:])", *args,
                           "--out-dir", str(tmp_path / "one")], env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    script = tmp_path / "train_script.py"
-    script.write_text("import sys\nfrom affect_nb.train import main_train\nmain_train(sys.argv[1:])\n")
-    two = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script), *args,
-                          "--out-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True, timeout=300)
+    # the console script itself under torch.distributed.run: every process must end with status 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(BIN / "affect-train"),
+                          *args, "--out-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     p1, p2 = (json.loads((tmp_path / d / "metrics.json").read_text())["P"] for d in ("one", "two"))
     assert abs(p1 - p2) <= 0.05, (p1, p2)
-    model, cfg, meta = T.load_checkpoint(tmp_path / "two")  # the 2-process P is the P of its checkpoint on the whole split
-    val = T.load_split(data, "expr", "val", cache, cfg.features, progress=False)[0]
-    again = T.score_videos("expr", val, T.predict_videos(model, val, "expr", cfg.seq_len, cfg.eval_stride))
+    model, cfg, meta = load_checkpoint(tmp_path / "two")  # the 2-process P is the P of its checkpoint on the whole split
+    val = load_split(data, "expr", "val", cache, cfg.features, progress=False)[0]
+    again = score_videos("expr", val, predict_videos(model, val, "expr", cfg.seq_len, cfg.eval_stride))
     assert again["P"] == pytest.approx(p2, abs=1e-9)
 
 
 def test_predict_and_submission_cover_every_annotated_frame(tiny, tmp_path):
     data, cache = tiny
     run_train(data, cache, tmp_path / "run", task="au", epochs=2)
-    preds = T.predict(tmp_path / "run", data, "val", task="au", progress=False)
+    preds = predict(tmp_path / "run", data, "val", task="au", progress=False)
     index = frame_index(data, "au", "val")
     assert len(preds) == len(index) and (~preds.has_image).any()
-    sub = T.write_submission(preds, tmp_path / "au.csv", "au", frames=index)
+    sub = write_submission(preds, tmp_path / "au.csv", "au", frames=index)
     lines = sub.read_text().splitlines()
     assert lines[0] == "image_location,AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26"
     assert len(lines) == 1 + len(index)
@@ -120,11 +127,11 @@ def test_predict_and_submission_cover_every_annotated_frame(tiny, tmp_path):
     assert all(len(l.split(",")) == 13 and set(l.split(",")[1:]) <= {"0", "1"} for l in lines[1:])
     # the command line gives the same file; test videos (images only) get a row per frame up to their last image
     out = tmp_path / "cli.csv"
-    T.main_predict([str(tmp_path / "run"), str(data), "--split", "val", "--out", str(out)])
+    main_predict([str(tmp_path / "run"), str(data), "--split", "val", "--out", str(out)])
     assert out.read_text() == sub.read_text()
     names = tmp_path / "test_videos.txt"
     names.write_text("\n".join(sorted(set(index.video))[:2]) + "\n")
-    T.main_predict([str(tmp_path / "run"), str(data), "--split", "test", "--videos", str(names), "--out", str(tmp_path / "test.csv")])
+    main_predict([str(tmp_path / "run"), str(data), "--split", "test", "--videos", str(names), "--out", str(tmp_path / "test.csv")])
     rows = pd.read_csv(tmp_path / "test.csv")
     n_images = sum(max(int(p.stem) for p in (data / "cropped_aligned" / v).glob("*.jpg")) for v in sorted(set(index.video))[:2])
     assert len(rows) == n_images and list(rows.columns) == ["image_location", *AU_NAMES]
@@ -134,8 +141,8 @@ def test_expr_and_va_submission_headers(tiny, tmp_path):
     data, cache = tiny
     for task, header in (("expr", ["image_location", *EXPR_CLASSES]), ("va", ["image_location", "valence", "arousal"])):
         r = run_train(data, cache, tmp_path / task, task=task, epochs=1)
-        preds = T.predictions_frame(task, r["val_videos"], r["val_scores"])
-        lines = T.write_submission(preds, tmp_path / f"{task}.csv", task).read_text().splitlines()
+        preds = predictions_frame(task, r.val_videos, r.val_scores)
+        lines = write_submission(preds, tmp_path / f"{task}.csv", task).read_text().splitlines()
         assert lines[0] == ",".join(header) and len(lines) == 1 + len(frame_index(data, task, "val"))
         assert all(len(l.split(",")) == (2 if task == "expr" else 3) for l in lines[1:])
 
@@ -147,7 +154,7 @@ def test_clear_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="data_dir .*nowhere does not exist"):
         run_train(tmp_path / "nowhere", cache, tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        T.prepare_data_dir(tmp_path / "nowhere")
+        prepare_data_dir(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     shutil.copytree(data, empty)
     for f in (empty / "EXPR_Recognition_Challenge" / "Validation_Set").glob("*.txt"): f.unlink()
@@ -155,9 +162,9 @@ def test_clear_errors(tiny, tmp_path):
         run_train(empty, cache, tmp_path / "x")
     run_train(data, cache, tmp_path / "expr", task="expr", epochs=1)
     with pytest.raises(ValueError, match="was trained for task 'expr', not 'va'"):
-        T.predict(tmp_path / "expr", data, "val", task="va", progress=False)
+        predict(tmp_path / "expr", data, "val", task="va", progress=False)
     with pytest.raises(SystemExit) as e:
-        T.main_predict([str(tmp_path / "expr"), str(data), "--task", "au", "--out", str(tmp_path / "x.csv")])
+        main_predict([str(tmp_path / "expr"), str(data), "--task", "au", "--out", str(tmp_path / "x.csv")])
     assert e.value.code == 2
     with pytest.raises(ValueError, match="holds a run with other settings \\(lr: 0.003 → 0.1\\)"):
         run_train(data, cache, tmp_path / "expr", task="expr", epochs=1, lr=0.1)
