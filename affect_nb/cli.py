@@ -8,7 +8,6 @@ import argparse, json, os
 from dataclasses import fields
 from pathlib import Path
 import pandas as pd
-import torch
 import torch.distributed as dist
 from . import data
 from .backbone import POOLINGS, load_backbone
@@ -17,7 +16,7 @@ from .config import TrainConfig, checkpoint_config
 from .predict import predict, predictions_frame, write_submission
 from .report import run_metrics
 from .train import train
-from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, path_component, rank_world
+from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, init_distributed, path_component, rank_world
 from .windows import ON_MISSING_IMAGES
 
 # %% auto #0
@@ -75,11 +74,11 @@ def main_extract(argv: list[str] | None = None):
     "Command line `affect-extract`: cache the frame features of an Aff-Wild2 tree (`argv`); 0 on success, a bad input exits with status 2."
     a = _extract_parser().parse_args(argv)
     index = _cli_index(a.data_dir, a.task, a.split)
-    get_device(a.device); check_writable(a.cache_dir, "cache folder")
+    device = get_device(a.device); check_writable(a.cache_dir, "cache folder")
     try: model = load_backbone(a.backbone, not a.no_pretrained, a.weights, a.pooling, a.img_size, a.seed)
     except RuntimeError as e: raise ValueError(str(e)) from None  # no pretrained weights at hand
     group = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()  # under torchrun
-    if group: dist.init_process_group("nccl" if torch.cuda.is_available() and a.device in ("auto", "cuda") else "gloo")
+    if group: init_distributed(device)
     try:
         store = extract_features(index, a.cache_dir, model, batch_size=a.batch_size, num_workers=a.num_workers, device=a.device,
                                  on_bad_image=a.on_bad_image)

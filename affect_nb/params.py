@@ -10,19 +10,14 @@ from pathlib import Path
 import yaml
 from .config import TrainConfig
 from .synth import make_synthetic
-from .utils import os_error
+from .utils import os_error, repo_root
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA_DIR', 'TRAIN_SETTINGS', 'FEATURE_PARAMS', 'EXPERIMENT_PARAMS', 'repo_root', 'resolve_path',
-           'prepare_data_dir', 'notebook_parameters', 'load_preset']
+__all__ = ['DEFAULT_DATA_DIR', 'TRAIN_SETTINGS', 'FEATURE_PARAMS', 'EXPERIMENT_PARAMS', 'resolve_path', 'prepare_data_dir',
+           'notebook_parameters', 'load_preset']
 
 # %% ../nbs/18_params.ipynb #db6d8dab
 DEFAULT_DATA_DIR = "data/synthetic"
-
-def repo_root(start: str | Path | None = None) -> Path | None:
-    "The nearest folder at or above `start` (default: the working directory) holding settings.ini and nbs/; None if there is none."
-    start = Path(start or Path.cwd()).resolve()
-    return next((p for p in (start, *start.parents) if (p / "settings.ini").is_file() and (p / "nbs").is_dir()), None)
 
 def resolve_path(p: str | Path, root: Path | None = None) -> Path:
     "`p` made absolute: a relative path is taken from `root` (the repository), or from the working directory without one."

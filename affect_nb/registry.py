@@ -34,23 +34,25 @@ REGISTRY_COLUMNS = ["run_id", "sweep", "notebook", "status", "seed", "P", "start
 def _is_number(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 def headline(metrics: dict) -> dict:
-    "The numbers at the top of `metrics` (and one level down, e.g. `probe_P`), without parameters or configuration."
+    "The numbers at the top of `metrics` (and one level down, e.g. `probe_P`), without parameters, configuration or machine."
     out = {}
     for k, v in metrics.items():
-        if k in ("params", "config"): continue
+        if k in ("params", "config", "machine"): continue
         if isinstance(v, dict): out.update({f"{k}_{j}": w for j, w in v.items() if _is_number(w)})
         elif _is_number(v): out[k] = v
     return out
 
 def registry_row(run_id: str, sweep: str, notebook, params: dict, status: str, start: float, duration: float,
                  metrics: dict | None = None, error: str | None = None, run_dir=None, env: dict | None = None) -> dict:
-    "One registry row: ids, `params` (JSON, and a `param_` column each), seed, `status`, times, `error`, `env` and `metrics`' headline."
+    "One registry row: ids, `params` (JSON, and a `param_` column each), seed, `status`, times, `error`, `env`, machine, headline."
     p = json_params(params)
     columns = {f"param_{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in p.items()}
+    ran_on = (metrics or {}).get("machine")
+    ran_on = {**ran_on, "machine_of": "run"} if isinstance(ran_on, dict) else {}
     return dict(run_id=run_id, sweep=sweep, notebook=str(notebook), status=status, seed=p.get("seed"),
                 start=datetime.fromtimestamp(start, timezone.utc).isoformat(timespec="seconds"), duration_s=round(duration, 2),
                 run_dir=None if run_dir is None else str(run_dir), error=error, params=json.dumps(p, sort_keys=True),
-                **(env or {}), **columns, **headline(metrics or {}))
+                **{**(env or {}), **ran_on}, **columns, **headline(metrics or {}))
 
 def append_registry(path, rows: list[dict], timeout: float = 120) -> Path:
     "Append `rows` to the CSV registry `path` under a file lock (`timeout` s), rewriting it atomically (columns: the union of all rows)."

@@ -12,7 +12,7 @@ import pandas as pd
 from .metrics import tune_au_thresholds
 from .predict import fill_missing
 from .tasks import AU_NAMES, EXPR_CLASSES
-from .utils import git_commit, jsonable
+from .utils import git_commit, jsonable, machine, repo_relative, repo_root
 
 # %% auto #0
 __all__ = ['linear_probe', 'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time', 'plot_va_density']
@@ -53,9 +53,9 @@ def linear_probe(train_videos: list, val_videos: list, task: str, seed: int = 0,
             for v in val_videos]
 
 # %% ../nbs/16_report.ipynb #d6a69cef
-def run_metrics(result, params: dict, probe: dict | None = None) -> dict:
+def run_metrics(result, params: dict, probe: dict | None = None, root=None, **extra) -> dict:
     """The metrics.json content of a `fit`/`train` `result` (a `FitResult`): task, P, parts, best epoch, tuned AU thresholds,
-    `probe` measures, `params`, version, commit."""
+    `probe` measures, `params`, `extra` fields, version, commit, machine; paths inside the repository `root` relative to it."""
     import affect_nb
     cfg, measures = result.config, dict(result.metrics)
     out = dict(task=cfg.task, P=measures.pop("P"), **measures, best_epoch=result.best_epoch, epochs_run=len(result.history))
@@ -65,9 +65,10 @@ def run_metrics(result, params: dict, probe: dict | None = None) -> dict:
         labels = np.concatenate([v.y for v in val_videos])[valid]
         out["tuned"] = jsonable(tune_au_thresholds(np.concatenate(result.val_scores)[valid], labels))
     if probe is not None: out["probe"] = jsonable(probe)
-    out.update(params=jsonable(params), config=jsonable(asdict(cfg)), version=affect_nb.__version__,
-               git_commit=git_commit(Path(affect_nb.__file__).parent))
-    return out
+    package = Path(affect_nb.__file__).parent
+    out.update(params=jsonable(params), config=jsonable(asdict(cfg)), **jsonable(extra), version=affect_nb.__version__,
+               git_commit=git_commit(package), machine=machine())
+    return repo_relative(out, root or repo_root() or repo_root(package))
 
 # %% ../nbs/16_report.ipynb #944b00ba
 def plot_history(history: pd.DataFrame, title: str = ""):

@@ -17,10 +17,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 from .params import load_preset, notebook_parameters
 from .registry import append_registry, environment, registry_row
-from .utils import atomic_write_text, json_params, path_component
+from .utils import THREAD_VARS, atomic_write_text, is_reproducible, json_params, machine, path_component, reproducible_env
 
 # %% auto #0
-__all__ = ['THREAD_VARS', 'expand_grid', 'format_value', 'params_hash', 'run_id', 'run_complete', 'check_run_dir', 'RunOptions',
+__all__ = ['expand_grid', 'format_value', 'params_hash', 'run_id', 'run_complete', 'check_run_dir', 'RunOptions', 'kernel_env',
            'execute_run', 'plan_sweep', 'run_sweep']
 
 # %% ../nbs/20_sweep.ipynb #84b892ef
@@ -113,19 +113,25 @@ def check_run_dir(run_dir) -> Path:
 # %% ../nbs/20_sweep.ipynb #542f786d
 @dataclass
 class RunOptions:
-    "How runs execute: `n_jobs` at once (None: a job per CPU), `threads` each (None: CPUs / n_jobs), papermill's `kernel_name`, `cwd`."
+    "How runs execute: `n_jobs` at once (None: one per CPU), `threads` each (None: CPUs / n_jobs), `reproducible`, `kernel_name`, `cwd`."
     n_jobs: int | None = 1
     threads: int | None = None
     kernel_name: str | None = None
     cwd: str | Path | None = None
     timeout: float | None = None  # seconds per cell; None: no limit
     progress: bool = True  # a progress bar over a sweep's runs
+    reproducible: bool | None = None  # the kernels in the reproducible mode; None: when this process is (is_reproducible())
 
     def resolved(self) -> RunOptions:
-        "These options with `n_jobs` (at least 1) and `threads` (the CPUs shared among the jobs, at least 1) filled in."
+        "These options with `n_jobs` (at least 1), `reproducible` and `threads` (1 in the mode, else CPUs shared by the jobs) filled in."
         cpus = os.cpu_count() or 1
         n_jobs = max(1, self.n_jobs or cpus)
-        return replace(self, n_jobs=n_jobs, threads=self.threads or max(1, cpus // n_jobs))
+        reproducible = is_reproducible() if self.reproducible is None else bool(self.reproducible)
+        if reproducible and self.threads not in (None, 1):
+            raise ValueError(f"threads={self.threads}: in the reproducible mode each run has one thread; "
+                             "run more at once with n_jobs, or set reproducible=False")
+        threads = 1 if reproducible else self.threads or max(1, cpus // n_jobs)
+        return replace(self, n_jobs=n_jobs, threads=threads, reproducible=reproducible)
 
 # %% ../nbs/20_sweep.ipynb #24eaf4bf
 def _error_text(e: BaseException) -> str:
@@ -134,14 +140,17 @@ def _error_text(e: BaseException) -> str:
     text = f"{name}: {value}" if name else f"{type(e).__name__}: {e}"
     return text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+def kernel_env(options: RunOptions) -> dict[str, str]:
+    "The variables a run's kernel gets from resolved `options`: `THREAD_VARS` set to its threads, and the reproducible mode's when on."
+    return {**({k: str(options.threads) for k in THREAD_VARS} if options.threads else {}),
+            **(reproducible_env() if options.reproducible else {})}
 
 @contextmanager
-def _thread_vars(threads: int | None):
-    "Set the `THREAD_VARS` of this process (which a kernel inherits) to `threads`, when given, while in the block."
-    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+def _environ(env: dict[str, str]):
+    "Set the variables `env` in this process's environment (which a kernel inherits when it starts) while in the block."
+    saved = {k: os.environ.get(k) for k in env}
     try:
-        if threads: os.environ.update({k: str(threads) for k in THREAD_VARS})
+        os.environ.update(env)
         yield
     finally:
         for k, v in saved.items():
@@ -171,7 +180,7 @@ def _execute_notebook(notebook, run_dir: Path, params: dict, options: RunOptions
     "Execute `notebook` with `params` into `run_dir` by papermill (as `options` say): (its metrics, None), or (None, the error)."
     import papermill as pm
     try:
-        with _thread_vars(options.threads), _stderr_to(run_dir / "stderr.log"):
+        with _stderr_to(run_dir / "stderr.log"):
             pm.execute_notebook(str(notebook), str(run_dir / Path(notebook).name), parameters=params, kernel_name=options.kernel_name,
                                 cwd=None if options.cwd is None else str(options.cwd), execution_timeout=options.timeout,
                                 progress_bar=False, log_output=False)
@@ -183,17 +192,19 @@ def _execute_notebook(notebook, run_dir: Path, params: dict, options: RunOptions
 def execute_run(notebook, run_dir, params: dict, run_id: str, sweep: str, registry=None, options: RunOptions | None = None,
                 out_param: str = "out_dir") -> dict:
     "Run `notebook` with `params` in `run_dir` (if `check_run_dir` allows) via papermill, record run.json and a `registry` row; its row."
-    run_dir, start = check_run_dir(run_dir), time.time()
+    run_dir, start, options = check_run_dir(run_dir), time.time(), (options or RunOptions()).resolved()
     params = {**json_params(params), out_param: str(run_dir)}
     _claim_run_dir(run_dir, params)
     record = dict(run_id=run_id, sweep=sweep, notebook=str(notebook), params=params, start=start)
     atomic_write_text(run_dir / "run.json", json.dumps({**record, "status": "running"}, indent=1))
-    metrics, error = _execute_notebook(notebook, run_dir, params, options or RunOptions())
+    with _environ(kernel_env(options)):  # what the kernel starts with, before its torch is imported
+        here = {**machine(), "threads": options.threads, "machine_of": "sweep"}  # the run's own record replaces it
+        metrics, error = _execute_notebook(notebook, run_dir, params, options)
     status, duration = ("ok" if error is None else "failed"), time.time() - start
-    env = environment(Path(notebook).parent)
-    row = registry_row(run_id, sweep, notebook, params, status, start, duration, metrics, error, run_dir, env)
+    row = registry_row(run_id, sweep, notebook, params, status, start, duration, metrics, error, run_dir,
+                       {**environment(Path(notebook).parent), **here})
     if registry is not None: append_registry(registry, [row])
-    outcome = {**record, "status": status, "duration_s": round(duration, 2), "error": error}
+    outcome = {**record, "status": status, "duration_s": round(duration, 2), "error": error, "machine": {k: row[k] for k in here}}
     atomic_write_text(run_dir / "run.json", json.dumps(outcome, indent=1))
     return row
 

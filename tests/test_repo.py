@@ -98,7 +98,8 @@ def test_each_helper_has_one_home():
     names = ["atomic_write", "check_writable", "path_component", "get_device", "check_device", "rank_world", "init_distributed",
              "seed_everything", "jsonable", "json_params", "git_commit", "image_listing", "check_task", "check_option",
              "label_columns", "INVALID", "EXPR_CLASSES", "AU_NAMES", "HEADERS", "TASK_NAMES", "SUBMISSION_HEADER",
-             "load_preset", "notebook_parameters", "repo_root", "make_loss", "score_videos"]
+             "load_preset", "notebook_parameters", "repo_root", "make_loss", "score_videos",
+             "machine", "reproducible_env", "is_reproducible", "repo_relative", "THREAD_VARS"]
     homes = {n: [] for n in names}
     for p in PACKAGE.glob("*.py"):
         if p.name == "_modidx.py": continue
