@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_features.ipynb #2e94f8f9
 from __future__ import annotations
-import hashlib, json, os, socket
+import hashlib, json, os
 from collections import deque
 from pathlib import Path
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from .backbone import cache_key, image_transform, load_backbone, normalize
 from .data import image_listing
-from .utils import check_writable, get_device, os_error, path_component, rank_world
+from .utils import atomic_write, check_writable, get_device, path_component, rank_world
 
 # %% auto #0
 __all__ = ['STORE_FORMAT', 'fingerprint', 'FeatureStore', 'FrameImages', 'shard', 'extract_features']
@@ -28,14 +28,10 @@ def fingerprint(listing: dict, key: str) -> str:
 
 # %% ../nbs/07_features.ipynb #f5c19931
 def _atomic_write(path: Path, write):
-    "Write `path` through `write(file)` on a temporary file that replaces `path` only once complete; an `OSError` names `path`."
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e: raise os_error(e, f"cannot write {path}: {e.strerror or e}") from e
-    finally: tmp.unlink(missing_ok=True)
+    "Write `path` through `write(file)`, atomically and synced to disk (`utils.atomic_write`): other ranks and hosts may read it next."
+    def to_file(tmp):
+        with open(tmp, "wb") as f: write(f)
+    atomic_write(path, to_file, durable=True)
 
 # %% ../nbs/07_features.ipynb #8e7430d0
 STORE_FORMAT = 2  # 2: per-video files in videos/ (1 kept them beside manifest.json, where a video named "manifest" collided)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_utils.ipynb #931588ec
 from __future__ import annotations
-import functools, json, os, random, re, subprocess, sys
+import functools, json, os, random, re, socket, subprocess, sys
 from pathlib import Path
 import numpy as np
 
@@ -21,13 +21,17 @@ def os_error(e: OSError, message: str) -> OSError:
     out.errno = e.errno
     return out
 
-def atomic_write(path: str | Path, write) -> Path:
-    "Call `write(tmp)` on a temporary path beside `path`, then move it onto `path` (created folders included); an OS error names `path`."
+def atomic_write(path: str | Path, write, durable: bool = False) -> Path:
+    "Call `write(tmp)` on a temporary path beside `path`, then move it onto `path` (`durable`: synced to disk first); errors name `path`."
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try: write(tmp); os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # unique across the hosts of a shared disk
+        try:
+            write(tmp)
+            if durable:
+                with open(tmp, "rb+") as f: os.fsync(f.fileno())
+            os.replace(tmp, path)
         finally: tmp.unlink(missing_ok=True)
     except OSError as e: raise os_error(e, f"cannot write {path}: {e.strerror or e}") from e
     return path
