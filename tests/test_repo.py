@@ -27,8 +27,8 @@ def test_every_cited_document_and_notebook_is_in_the_repository():
 
 def test_the_check_sees_a_missing_document(tmp_path):
     "The pattern finds a cited .md file and a notebook path in the forms the sources use."
-    text = "see DESIGN.md, the notebook nbs/experiments/nothere.ipynb and `nbs/experiments/params/x.yaml`; not foo.md.bak"
-    assert DOC.findall(text) == ["DESIGN.md"]
+    text = "see MISSING_NOTES.md, the notebook nbs/experiments/nothere.ipynb and `nbs/experiments/params/x.yaml`; not foo.md.bak"
+    assert DOC.findall(text) == ["MISSING_NOTES.md"]
     assert NB_PATH.findall(text) == ["nbs/experiments/nothere.ipynb", "nbs/experiments/params/x.yaml"]
 
 
