@@ -17,7 +17,7 @@ from .predict import predict, predictions_frame, write_submission
 from .report import run_metrics
 from .train import train
 from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, init_distributed, path_component, rank_world
-from .windows import ON_MISSING_IMAGES
+from .data import ON_MISSING_IMAGES
 
 # %% auto #0
 __all__ = ['main_extract', 'main_train', 'main_predict']

@@ -13,13 +13,14 @@ from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, INVALID, TASK_NAMES, check_o
 from .utils import path_component
 
 # %% auto #0
-__all__ = ['TASKS', 'SPLITS', 'IMAGE_DIR', 'LAYOUT', 'EXPECTED', 'AnnotationError', 'read_annotation', 'split_dir', 'list_videos',
-           'split_overlap', 'image_listing', 'frame_index']
+__all__ = ['TASKS', 'SPLITS', 'IMAGE_DIR', 'ON_MISSING_IMAGES', 'LAYOUT', 'EXPECTED', 'AnnotationError', 'read_annotation',
+           'split_dir', 'list_videos', 'split_overlap', 'image_listing', 'frame_index']
 
 # %% ../nbs/02_data.ipynb #a824536d
 TASKS = {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge", "au": "AU_Detection_Challenge"}
 SPLITS = {"train": "Train_Set", "val": "Validation_Set"}
 IMAGE_DIR = "cropped_aligned"
+ON_MISSING_IMAGES = ("error", "skip")  # what frame_index does with a video without any image
 LAYOUT = """<root>/
   VA_Estimation_Challenge/{Train_Set,Validation_Set}/<video>.txt
   EXPR_Recognition_Challenge/{Train_Set,Validation_Set}/<video>.txt
@@ -259,5 +260,5 @@ def _split_index(root, task, split, videos=None, progress=None, on_missing_image
 def frame_index(root, task:str, split:str, videos=None, progress:bool|None=None,
                 on_missing_images:str="error") -> pd.DataFrame:
     "One row per annotated frame of `task` in `split` under `root` (all videos, or `videos`); `on_missing_images`: 'error' or 'skip'."
-    check_option("on_missing_images", on_missing_images, ("error", "skip"))
+    check_option("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
     return _split_index(root, task, split, videos, progress, on_missing_images)[0]

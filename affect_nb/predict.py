@@ -16,7 +16,9 @@ from .config import int_setting, load_checkpoint
 from .model import frame_scores, task_head
 from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, label_columns
 from .utils import atomic_write_text, check_writable, get_device, path_component, rank_world
-from .windows import ON_MISSING_IMAGES, WindowDataset, check_choice, eval_windows, load_split
+from .data import ON_MISSING_IMAGES
+from .tasks import check_option
+from .windows import WindowDataset, eval_windows, load_split
 
 # %% auto #0
 __all__ = ['SUBMISSION_HEADER', 'predict_videos', 'predictions_frame', 'predict', 'nearest_rows', 'write_submission',
@@ -78,7 +80,7 @@ def predict(checkpoint: str | Path, data_dir: str | Path, split: str = "val", ta
             on_missing_images: str = "error") -> pd.DataFrame:
     "Per-frame predictions (`predictions_frame`) of the checkpoint (or run) `checkpoint` for `split` of `data_dir` ('test' needs `videos`)."
     if videos is not None: videos = [path_component(v, "video") for v in videos]  # before any file is read or written
-    check_choice("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
+    check_option("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
     int_setting("batch_size", batch_size, 1)
     device = get_device(device)
     model, cfg, _ = load_checkpoint(checkpoint, task=task, device=device)

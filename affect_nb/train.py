@@ -17,13 +17,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from .config import TrainConfig, int_setting, read_weights, save_checkpoint
 from .backbone import POOLINGS
-from .data import SPLITS, split_overlap
+from .data import ON_MISSING_IMAGES, SPLITS, split_overlap
+from .tasks import check_option
 from .losses import make_loss
 from .metrics import score_videos
 from .model import SequenceModel
 from .predict import _autocast, _to, predict_videos
 from .utils import atomic_write, check_writable, get_device, init_distributed, jsonable, seed_everything
-from .windows import ON_MISSING_IMAGES, Video, WindowDataset, check_choice, load_split, shard, train_windows
+from .windows import Video, WindowDataset, load_split, shard, train_windows
 
 # %% auto #0
 __all__ = ['RunState', 'FitResult', 'fit', 'train']
@@ -232,8 +233,8 @@ def _check_run(data_dir: Path, task: str, out_dir: Path, cache_dir: Path, featur
     for k, optional in (("max_videos", True), ("img_size", True), ("feature_batch_size", False)):
         int_setting(k, feature_args[k], 1, optional)
     if feature_args["feature_workers"] is not None: int_setting("feature_workers", feature_args["feature_workers"], 0)
-    check_choice("pooling", feature_args["pooling"], POOLINGS)
-    check_choice("on_missing_images", feature_args["on_missing_images"], ON_MISSING_IMAGES)
+    check_option("pooling", feature_args["pooling"], POOLINGS)
+    check_option("on_missing_images", feature_args["on_missing_images"], ON_MISSING_IMAGES)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data_dir {data_dir} does not exist: point it at an Aff-Wild2 tree (or a synthetic one, see affect-synth)")
     both = split_overlap(data_dir, task)

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from .data import IMAGE_DIR, frame_index, image_listing, list_videos, split_dir
+from .data import IMAGE_DIR, ON_MISSING_IMAGES, frame_index, image_listing, list_videos, split_dir
 from .features import extract_features
-from .tasks import INVALID, label_columns
+from .tasks import INVALID, check_option, label_columns
 from .utils import path_component
 
 # %% auto #0
-__all__ = ['FEATURE_ARGS', 'ON_MISSING_IMAGES', 'Video', 'toy_videos', 'window_starts', 'eval_starts', 'train_windows',
-           'eval_windows', 'shard', 'WindowDataset', 'load_videos', 'image_index', 'check_choice', 'load_split']
+__all__ = ['FEATURE_ARGS', 'Video', 'toy_videos', 'window_starts', 'eval_starts', 'train_windows', 'eval_windows', 'shard',
+           'WindowDataset', 'load_videos', 'image_index', 'load_split']
 
 # %% ../nbs/08_windows.ipynb #e28494d9
 @dataclass
@@ -143,19 +143,12 @@ def image_index(data_dir: str | Path, task: str, videos: list[str]) -> pd.DataFr
 
 # %% ../nbs/08_windows.ipynb #1cf9d363
 FEATURE_ARGS = ("backbone", "pretrained", "weights", "pooling", "img_size", "seed")
-ON_MISSING_IMAGES = ("error", "skip")
-
-def check_choice(name: str, value, options) -> str:
-    "`value` when it is one of `options`; else a `ValueError` naming the setting `name`."
-    if value not in options: raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
-    return value
-
 def load_split(data_dir: str | Path, task: str, split: str, cache_dir: str | Path, features: dict,
                max_videos: int | None = None, videos: list[str] | None = None, batch_size: int = 64,
                num_workers: int | None = None, device: str = "auto", progress: bool = True,
                on_missing_images: str = "error") -> tuple[list[Video], object]:
     "The `Video`s of `split` ('train', 'val', or 'test' with `videos`) of `task` under `data_dir`, and their store in `cache_dir`."
-    check_choice("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
+    check_option("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
     if videos is not None: videos = [path_component(v, "video") for v in videos]  # before any file is read or written
     if split == "test":
         if not videos: raise ValueError("the test split needs the list of its videos (`videos`)")

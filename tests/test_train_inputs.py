@@ -164,8 +164,8 @@ BAD_SETTINGS = [("mask_p", 1.5, "mask_p must be in [0, 1], got 1.5"), ("mask_mod
                 ("patience", 0, "patience must be at least 1"), ("num_workers", -1, "num_workers must be at least 0, got -1"),
                 ("device", "gpu", "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
                 ("device", "cuda:x", "got 'cuda:x'"), ("max_videos", 0, "max_videos must be at least 1"),
-                ("feature_batch_size", 0, "feature_batch_size must be at least 1"), ("pooling", "max", "pooling must be one of"),
-                ("on_missing_images", "keep", "on_missing_images must be one of ['error', 'skip'], got 'keep'"),
+                ("feature_batch_size", 0, "feature_batch_size must be at least 1"), ("pooling", "max", "unknown pooling 'max': expected one of"),
+                ("on_missing_images", "keep", "unknown on_missing_images 'keep': expected one of 'error', 'skip'"),
                 ("sq_len", 5, "unknown setting(s) sq_len")]
 
 
