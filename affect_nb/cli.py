@@ -13,7 +13,8 @@ from . import data
 from .backbone import POOLINGS, load_backbone
 from .features import extract_features
 from .config import TrainConfig, checkpoint_config
-from .predict import predict, predictions_frame, write_submission
+from .predict import predict, predictions_frame, task_frames, write_submissions
+from .tasks import run_tasks
 from .report import run_metrics
 from .train import train
 from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, init_distributed, path_component, rank_world
@@ -89,11 +90,21 @@ def main_extract(argv: list[str] | None = None):
     print(f"{who}{len(store)} videos in {store.root} ({len(store.computed)} computed by this process)")
 
 # %% ../nbs/17_cli.ipynb #9e85f0de
+def _per_task(value: type):
+    "An argparse type: 'va=1,au=2' as a dict (task → `value`), anything else as the text itself (one loss name)."
+    def parse(s: str):
+        if "=" not in s: return s
+        try: return {k.strip(): value(v) for k, v in (pair.split("=", 1) for pair in s.split(","))}
+        except ValueError: raise argparse.ArgumentTypeError(f"expected task=value pairs such as 'va=1,au=2', got {s!r}") from None
+    return parse
+
 def _add_config_options(p: argparse.ArgumentParser):
     "An option for each `TrainConfig` field except task, in_dim and features."
     for f in fields(TrainConfig):
         if f.name in ("task", "in_dim", "features"): continue
-        typ = {"int | None": int, "str | None": str}.get(str(f.type), {"int": int, "float": float, "str": str}.get(str(f.type), str))
+        per_task = {"loss": _per_task(str), "task_weights": _per_task(float)}
+        plain = {"int | None": int, "float | None": float, "str | None": str, "int": int, "float": float, "str": str}
+        typ = per_task.get(f.name) or plain.get(str(f.type), str)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default, help=f"default: {f.default}")
 
 def _bool(s: str) -> bool:
@@ -107,7 +118,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="affect-train",
                                 description="Train the temporal Transformer of one ABAW task on cached frame features.")
     p.add_argument("data_dir", type=Path, help="Aff-Wild2 root (or a synthetic tree)")
-    p.add_argument("--task", default="va", help="va, expr or au")
+    p.add_argument("--task", default="va", help="va, expr, au, or mtl (all three, one model; --loss au=bce,expr=ce per task)")
     p.add_argument("--out-dir", type=Path, default=None, help="run folder (default: reports/train-TASK)")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT_DIR/features)")
     p.add_argument("--backbone", default="vit_base_patch16_224.orig_in21k", help="timm model name")
@@ -134,8 +145,9 @@ def main_train(argv: list[str] | None = None):
         params = dict(data_dir=str(data_dir), out_dir=str(out_dir), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()})
         metrics = run_metrics(result, params)
         atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-        task = result.config.task
-        write_submission(predictions_frame(task, result.val_videos, result.val_scores), out_dir / "val_predictions.csv", task)
+        task, names = result.config.task, [v.name for v in result.val_videos]
+        frames = {t: task_frames(data_dir, t, "val", names) for t in run_tasks(task)}
+        write_submissions(predictions_frame(task, result.val_videos, result.val_scores), out_dir / "val_predictions.csv", task, frames)
         print(json.dumps({k: metrics[k] for k in ("task", "P", "best_epoch")}))
     if dist.is_initialized(): dist.destroy_process_group()
 
@@ -159,7 +171,9 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", type=Path, help="Aff-Wild2 root")
     p.add_argument("--split", default="val", help="train, val, or test (with --videos)")
     p.add_argument("--videos", type=Path, default=None, help="file naming the videos to predict, one per line (required for test)")
-    p.add_argument("--out", type=Path, required=True, help="submission file to write")
+    p.add_argument("--out", type=Path, required=True, help="submission file to write (multi-task: OUT_va, OUT_expr, OUT_au beside it)")
+    p.add_argument("--tuned-thresholds", action="store_true", help=
+                   "AUs at the thresholds tuned on the run's validation split (default: 0.5)")
     p.add_argument("--frames-csv", type=Path, default=None, help="also write the per-frame table (with scores) here")
     p.add_argument("--task", default=None, help="refuse a checkpoint of another task")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: the one the checkpoint names)")
@@ -176,7 +190,10 @@ def main_predict(argv: list[str] | None = None):
     task = checkpoint_config(args.checkpoint).task
     for f in [f for f in (args.out, args.frames_csv) if f is not None]: check_writable(f.parent, "output folder")
     preds = predict(args.checkpoint, args.data_dir, args.split, task=args.task, cache_dir=args.cache_dir, videos=videos,
-                    batch_size=args.batch_size, device=args.device, on_missing_images=args.on_missing_images)
-    write_submission(preds, args.out, task)
+                    batch_size=args.batch_size, device=args.device, on_missing_images=args.on_missing_images,
+                    thresholds="tuned" if args.tuned_thresholds else None)
+    names = sorted(set(preds.video))
+    frames = None if args.split == "test" else {t: task_frames(args.data_dir, t, args.split, names) for t in run_tasks(task)}
+    paths = write_submissions(preds, args.out, task, frames)
     if args.frames_csv: atomic_write(args.frames_csv, lambda f: preds.to_csv(f, index=False))
-    print(f"{args.out}: {len(preds):,} frames of {preds.video.nunique()} videos ({task})")
+    for t, path in paths.items(): print(f"{path}: {len(preds):,} frames of {preds.video.nunique()} videos ({t})")

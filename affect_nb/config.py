@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import save as safetensors_bytes
-from .losses import LOSSES, check_focal_alpha
+from .losses import LOSSES, TASK_WEIGHTINGS, check_focal_alpha
 from .masking import MASK_MODES
 from .model import POSITIONS, SequenceModel
-from .tasks import TASK_NAMES
+from .tasks import MTL, RUN_TASKS, TASK_NAMES, check_option
 from .utils import atomic_write, atomic_write_text, check_device, get_device, jsonable
 
 # %% auto #0
@@ -49,8 +49,10 @@ def _float_setting(name: str, value, ok, what: str) -> float:
 @dataclass
 class TrainConfig:
     "Every hyperparameter of a training run (saved as config.json); defaults are the paper's configuration."
-    task: str = "va"  # 'va', 'expr' or 'au'
-    loss: str | None = None  # None: the paper's loss of the task (ccc, focal, focal)
+    task: str = "va"  # 'va', 'expr', 'au', or 'mtl' (all three, one model)
+    loss: str | dict | None = None  # None: the paper's loss of the task (ccc, focal, focal); 'mtl': one per task, {task: name}
+    task_weights: dict | None = None  # 'mtl': the weight of each task's loss, {task: number} (None or a task left out: 1)
+    task_weighting: str = "fixed"  # 'mtl': 'fixed' (task_weights) or 'uncertainty' (learned, Kendall et al. 2018)
     focal_gamma: float = 2.0  # γ of the focal losses (expr, au)
     focal_alpha: str | float = "paper"  # α of the focal losses: 'paper', 'weighted', 'none' or a number (see losses.make_loss)
     seq_len: int = 100  # frames per window
@@ -68,6 +70,7 @@ class TrainConfig:
     n_layers: int = 6  # encoder layers
     d_ff: int = 2048  # feed-forward width
     dropout: float = 0.2  # dropout
+    attn_dropout: float | None = None  # dropout of the attention weights (None: dropout, the paper's; 0: fused attention kernels)
     pos: str = "sinusoidal"  # positions: 'sinusoidal' or 'learned'
     seed: int = 0  # seeds Python, NumPy and torch
     device: str = "auto"  # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'
@@ -79,13 +82,12 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         "Check every setting (converting whole numbers of the float settings to floats); a `ValueError` naming the first wrong one."
-        if self.task not in TASK_NAMES: raise ValueError(f"unknown task {self.task!r}; expected one of {list(TASK_NAMES)}")
-        if self.loss is not None and self.loss not in LOSSES[self.task]:
-            raise ValueError(f"unknown loss {self.loss!r} for task {self.task!r}; expected one of {list(LOSSES[self.task])}")
+        if self.task not in RUN_TASKS: raise ValueError(f"unknown task {self.task!r}; expected one of {list(RUN_TASKS)}")
+        self._check_task_settings()
         self.focal_alpha = check_focal_alpha(self.focal_alpha)
         for k, low in _INT_SETTINGS.items(): setattr(self, k, int_setting(k, getattr(self, k), low, k in _OPTIONAL_SETTINGS))
         for k, (ok, what) in _FLOAT_SETTINGS.items(): setattr(self, k, _float_setting(k, getattr(self, k), ok, what))
-        if self.task == "au" and (self.loss or "focal") == "focal" and 0 < self.focal_gamma < 1:
+        if "au" in self.losses() and (self.losses()["au"] or "focal") == "focal" and 0 < self.focal_gamma < 1:
             raise ValueError(f"focal_gamma {self.focal_gamma} is between 0 and 1: torchvision's sigmoid focal loss then has NaN "
                              "gradients on confident AUs; use 0 or at least 1")
         for k, options in (("mask_mode", MASK_MODES), ("pos", POSITIONS)):
@@ -96,10 +98,34 @@ class TrainConfig:
         if not isinstance(self.features, dict): raise ValueError(f"features must be a dict, got {self.features!r}")
         return self
 
+    def losses(self) -> dict:
+        "Each task's loss name of this run (None: the paper's), task → name."
+        if self.task != MTL: return {self.task: self.loss}
+        return {t: (self.loss or {}).get(t) if isinstance(self.loss, dict) else self.loss for t in TASK_NAMES}
+
+    def _check_task_settings(self):
+        "The loss names, and for 'mtl' the task weights and their weighting; a `ValueError` naming the first wrong one."
+        if isinstance(self.loss, dict) and self.task != MTL:
+            raise ValueError(f"loss must be one name for task {self.task!r}, got {self.loss!r}")
+        if isinstance(self.loss, dict) and set(self.loss) - set(TASK_NAMES):
+            raise ValueError(f"loss has unknown task(s) {sorted(set(self.loss) - set(TASK_NAMES))}; expected some of {list(TASK_NAMES)}")
+        for t, name in self.losses().items():
+            if name is not None and name not in LOSSES[t]:
+                raise ValueError(f"unknown loss {name!r} for task {t!r}; expected one of {list(LOSSES[t])}")
+        if self.task_weights is not None:
+            if not isinstance(self.task_weights, dict) or set(self.task_weights) - set(TASK_NAMES):
+                raise ValueError(f"task_weights must be a dict of some of {list(TASK_NAMES)} to numbers, got {self.task_weights!r}")
+            self.task_weights = {t: _float_setting(f"task_weights[{t!r}]", w, lambda x: 0 <= x < math.inf, "at least 0")
+                                 for t, w in self.task_weights.items()}
+        check_option("task_weighting", self.task_weighting, TASK_WEIGHTINGS)
+        if self.attn_dropout is not None:
+            self.attn_dropout = _float_setting("attn_dropout", self.attn_dropout, lambda x: 0 <= x < 1, "in [0, 1) or None")
+
     def model_kwargs(self) -> dict:
         "The arguments of `SequenceModel` besides the task and feature size."
         return dict(mask_p=self.mask_p, mask_mode=self.mask_mode, d_model=self.d_model, n_heads=self.n_heads,
-                    n_layers=self.n_layers, d_ff=self.d_ff, dropout=self.dropout, pos=self.pos, max_len=self.seq_len)
+                    n_layers=self.n_layers, d_ff=self.d_ff, dropout=self.dropout, pos=self.pos, max_len=self.seq_len,
+                    attn_dropout=self.attn_dropout)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

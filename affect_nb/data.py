@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
-from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, INVALID, TASK_NAMES, check_option, check_task, label_columns
+from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, INVALID, MTL, TASK_NAMES, check_option, check_task, label_columns, valid_columns
 from .utils import path_component
 
 # %% auto #0
 __all__ = ['TASKS', 'SPLITS', 'IMAGE_DIR', 'ON_MISSING_IMAGES', 'LAYOUT', 'EXPECTED', 'AnnotationError', 'read_annotation',
-           'split_dir', 'list_videos', 'split_overlap', 'image_listing', 'frame_index']
+           'split_dir', 'list_videos', 'held_out_videos', 'split_overlap', 'image_listing', 'frame_index']
 
 # %% ../nbs/02_data.ipynb #a824536d
 TASKS = {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge", "au": "AU_Detection_Challenge"}
@@ -144,7 +144,8 @@ def _missing(path, what):
     return FileNotFoundError(f"{what} not found: {path}\nAn Aff-Wild2 tree (real or synthetic) looks like:\n{LAYOUT}")
 
 def list_videos(root, task:str, split:str) -> list[str]:
-    "The sorted names of the videos of `task` in `split` under `root` (annotation file names without `.txt`)."
+    "The sorted names of the videos of `task` (or of a multi-task run, 'mtl') in `split` under `root` (annotation file names, no `.txt`)."
+    if task == MTL: return _mtl_videos(root, split)
     d = split_dir(root, task, split)
     if not Path(root).is_dir(): raise _missing(root, "the Aff-Wild2 root folder")
     if not d.parent.is_dir(): raise _missing(d.parent, f"the annotation folder of task {task!r}")
@@ -154,6 +155,21 @@ def list_videos(root, task:str, split:str) -> list[str]:
         try: path_component(n, "video")
         except ValueError as e: raise ValueError(f"{e}: rename the annotation file {d/(n + '.txt')}") from None
     return names
+
+def _task_videos(root, split:str) -> dict[str, list[str]]:
+    "Each task's videos in `split` under `root` (a task without that split's folder has none)."
+    return {t: list_videos(root, t, split) if split_dir(root, t, split).is_dir() else [] for t in TASK_NAMES}
+
+def held_out_videos(root) -> list[str]:
+    "The sorted videos under `root` annotated in a training split and in a validation split (of the same task or of two tasks)."
+    train, val = (set().union(*_task_videos(root, s).values()) for s in SPLITS)
+    return sorted(train & val)
+
+def _mtl_videos(root, split:str) -> list[str]:
+    "The videos of the multi-task `split`: annotated in `split` for some task; for 'train', none annotated in any validation split."
+    if not Path(root).is_dir(): raise _missing(root, "the Aff-Wild2 root folder")
+    names = set().union(*_task_videos(root, check_option("split", split, SPLITS)).values())
+    return sorted(names - set(held_out_videos(root)) if split == "train" else names)
 
 def split_overlap(root, task:str) -> list[str]:
     "The sorted videos of `task` under `root` with an annotation file in both Train_Set and Validation_Set (a missing folder is empty)."
@@ -179,24 +195,48 @@ def image_listing(folder) -> dict[int, tuple[str, int, int]]:
         out[int(m[1])] = (e.name, st.st_size, st.st_mtime_ns)
     return dict(sorted(out.items()))
 
-def _video_index(root, task, split, video):
-    "The frame table of `video` and the number of its images past the last annotated frame."
-    df = read_annotation(split_dir(root, task, split)/f"{video}.txt", task)
+def _with_images(df, root, task, video):
+    "The frame table `df` of `video` with its image `path`s and `has_image`, and the number of its images past its last frame."
     folder = Path(root)/IMAGE_DIR/video
     listing, prefix = image_listing(folder), os.path.join(folder, "")
     df["video"] = video
     df["path"] = [prefix + (listing[f][0] if f in listing else f"{f:05d}.jpg") for f in range(1, len(df) + 1)]
     df["has_image"] = df.frame.isin(listing.keys()).to_numpy()
-    return df[["video", "frame", "path", "has_image", "valid", *label_columns(task)]], sum(f > len(df) for f in listing)
+    columns = ["video", "frame", "path", "has_image", "valid", *(valid_columns(MTL) if task == MTL else []), *label_columns(task)]
+    return df[columns], sum(f > len(df) for f in listing)
+
+def _mtl_table(root, split, video):
+    "The labels of `video` in every task's `split` file: frames 1 to the longest file, a task's labels invalid where its file has none."
+    parts = {t: read_annotation(f, t) for t in TASK_NAMES if (f := split_dir(root, t, split)/f"{video}.txt").is_file()}
+    n = max(map(len, parts.values()))
+    df = pd.DataFrame({"frame": np.arange(1, n + 1)})
+    for t in TASK_NAMES:
+        part = parts.get(t, pd.DataFrame({"valid": np.zeros(0, bool)}))
+        df[f"valid_{t}"] = np.pad(part["valid"].to_numpy(bool), (0, n - len(part)))
+        for c in label_columns(t):
+            df[c] = np.pad(part[c].to_numpy(np.float32), (0, n - len(part)), constant_values=INVALID[t]) if c in part else INVALID[t]
+    df[label_columns(MTL)] = df[label_columns(MTL)].astype(np.float32)
+    df["valid"] = df[valid_columns(MTL)].any(axis=1)
+    return df
+
+def _video_index(root, task, split, video):
+    "The frame table of `video` and the number of its images past the last annotated frame."
+    df = _mtl_table(root, split, video) if task == MTL else read_annotation(split_dir(root, task, split)/f"{video}.txt", task)
+    return _with_images(df, root, task, video)
 
 def _empty_index(task):
     "A frame table of `task` with no rows."
-    dtype = np.float32 if task == "va" else np.int64
+    dtype = np.float32 if task in ("va", MTL) else np.int64
     return pd.DataFrame({"video": pd.Series(dtype=str), "frame": pd.Series(dtype=np.int64), "path": pd.Series(dtype=str),
-                         "has_image": pd.Series(dtype=bool), "valid": pd.Series(dtype=bool),
+                         "has_image": pd.Series(dtype=bool),
+                         **{c: pd.Series(dtype=bool) for c in ["valid", *(valid_columns(MTL) if task == MTL else [])]},
                          **{c: pd.Series(dtype=dtype) for c in label_columns(task)}})
 
 # %% ../nbs/02_data.ipynb #0ab5571e
+def _where(root, task, split):
+    "Where the annotation files of `task` in `split` are: its folder, or for 'mtl' the `split` folders of every task under `root`."
+    return f"the {SPLITS[split]} folders of {root}" if task == MTL else split_dir(root, task, split)
+
 def _chosen_videos(root, task, split, videos):
     "The videos of `task` in `split` under `root` named by `videos` (all when None), each checked to be one folder name."
     if videos is not None:
@@ -205,7 +245,7 @@ def _chosen_videos(root, task, split, videos):
     available = list_videos(root, task, split)
     if videos is None: return available
     missing = sorted(set(videos) - set(available))
-    if missing: raise FileNotFoundError(f"no annotation file for video(s) {', '.join(missing)} in {split_dir(root, task, split)}")
+    if missing: raise FileNotFoundError(f"no annotation file for video(s) {', '.join(missing)} in {_where(root, task, split)}")
     return videos
 
 def _folder_error(bad:list):
@@ -227,7 +267,7 @@ def _no_image_error(root, task, split, no_image:dict, shown=10):
     folder = Path(root)/IMAGE_DIR
     lines = [f"  {v}: {_no_image_reason(folder/v, n)}" for v, n in list(no_image.items())[:shown]]
     if len(no_image) > shown: lines.append(f"  ... and {len(no_image) - shown} more")
-    return FileNotFoundError(f"{len(no_image)} video(s) of {task} {split} ({split_dir(root, task, split)}) have no image "
+    return FileNotFoundError(f"{len(no_image)} video(s) of {task} {split} ({_where(root, task, split)}) have no image "
                              f"for any annotated frame:\n" + "\n".join(lines) + f"\nexpected the face crops "
                              f"{os.path.join(folder, '<video>', '00001.jpg')}, 00002.jpg, ... (%05d.jpg, frame 1 first); "
                              f'on_missing_images="skip" skips such videos')
@@ -250,7 +290,7 @@ def _split_index(root, task, split, videos=None, progress=None, on_missing_image
             no_image[video] = len(df)
             if on_missing_images != "keep": continue
         tables.append(df); past_end += n
-    if errors: raise AnnotationError.gather(errors, split_dir(root, task, split))
+    if errors: raise AnnotationError.gather(errors, split_dir(root, task, split) if task != MTL else root)
     if bad_folders: raise _folder_error(bad_folders)
     if no_image and on_missing_images == "error": raise _no_image_error(root, task, split, no_image)
     if no_image and on_missing_images == "skip": _skipped_warning(root, task, split, list(no_image))
@@ -259,6 +299,7 @@ def _split_index(root, task, split, videos=None, progress=None, on_missing_image
 
 def frame_index(root, task:str, split:str, videos=None, progress:bool|None=None,
                 on_missing_images:str="error") -> pd.DataFrame:
-    "One row per annotated frame of `task` in `split` under `root` (all videos, or `videos`); `on_missing_images`: 'error' or 'skip'."
+    """One row per annotated frame of `task` in `split` under `root` (all videos, or `videos`); `on_missing_images`: 'error' or
+    'skip'. Task 'mtl': all three tasks' labels, with a `valid_<task>` column each."""
     check_option("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
     return _split_index(root, task, split, videos, progress, on_missing_images)[0]

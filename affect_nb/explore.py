@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from .data import (AU_NAMES, EXPR_CLASSES, LAYOUT, SPLITS, TASKS, AnnotationError, check_task, frame_index,
     label_columns, list_videos, split_dir, split_overlap)
-from .data import _missing, _split_index  # the data layer's root check and frame index of a split, with its counts
+from .data import _missing, _split_index, held_out_videos  # the data layer's root check and frame index of a split, with its counts
 
 # %% auto #0
 __all__ = ['VA_BINS', 'SplitSummary', 'summarize', 'FrameBrowser', 'browse']
@@ -36,6 +36,7 @@ class SplitSummary:
     va_hist: np.ndarray|None       # 2-D histogram of (valence, arousal) of valid frames, VA_BINS bins over [-1, 1] each
     in_both_splits: dict = None    # task → the videos annotated in both Train_Set and Validation_Set (split_overlap)
     without_image: dict = None     # task → the videos of this split with no image for any annotated frame
+    held_out: list = None          # videos in a training and a validation split (of two tasks): validation-only in a multi-task run
 
     def __str__(self): return _summary_text(self)
     __repr__ = __str__
@@ -75,7 +76,8 @@ def summarize(root, split:str="train", progress:bool|None=None) -> SplitSummary:
         au_rates=None if au is None else au[AU_NAMES].astype(float).mean().rename("positive rate"),
         va_stats=None if va is None else va[["valence", "arousal"]].astype(float).agg(["mean", "std", "min", "max"]).T,
         va_hist=None if va is None else np.histogram2d(va.valence, va.arousal, bins=VA_BINS, range=[[-1, 1], [-1, 1]])[0],
-        in_both_splits={t: v for t, v in both.items() if v}, without_image={t: v for t, v in no_image.items() if v})
+        in_both_splits={t: v for t, v in both.items() if v}, without_image={t: v for t, v in no_image.items() if v},
+        held_out=held_out_videos(root))
 
 # %% ../nbs/03_explore.ipynb #e3e43705
 def _bar(x, width=30): return "█" * int(round(x * width))
@@ -99,6 +101,9 @@ def _table_text(s:SplitSummary) -> list[str]:
         out.append("(without image: annotated frames that have no face crop in cropped_aligned/)")
     for task, videos in (s.in_both_splits or {}).items():
         out.append(f"! {task}: {len(videos)} video(s) in both Train_Set and Validation_Set (training refuses them): {_names(videos)}")
+    if s.held_out:
+        out.append(f"! {len(s.held_out)} video(s) in a training and a validation split: a multi-task run (task mtl) validates on them "
+                   f"and trains on none of their labels: {_names(s.held_out)}")
     for task, videos in (s.without_image or {}).items():
         out.append(f"! {task}: {len(videos)} video(s) with no image for any annotated frame "
                    f"(frame_index refuses them unless on_missing_images='skip'): {_names(videos)}")
@@ -147,8 +152,8 @@ def _plot_summary(s:SplitSummary):
 
 # %% ../nbs/03_explore.ipynb #7813cbff
 def _label_text(task, row, prefix=""):
-    "The labels of `task` in the frame table `row` as one line, each name preceded by `prefix`."
-    if task == "va": return "  ".join(f"{prefix}{c} {row[c]:+.2f}" for c in ("valence", "arousal"))
+    "The labels of `task` in the frame table `row` as one line, after `prefix` (short enough for the crop's title)."
+    if task == "va": return prefix + "  ".join(f"{c} {row[c]:+.2f}" for c in ("valence", "arousal"))
     if task == "expr": return f"{prefix}{EXPR_CLASSES[int(row['expr'])]}"
     active = [a for a in AU_NAMES if row[a] >= 0.5]
     return prefix + (" ".join(active) if active else "no AU")

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
-from .tasks import EXPR_CLASSES, INVALID, check_task
+from .tasks import EXPR_CLASSES, INVALID, LABEL_SLICES, OUTPUT_SLICES, TASK_NAMES, check_option, check_task
 
 # %% auto #0
-__all__ = ['LOSSES', 'FOCAL_ALPHAS', 'CCCLoss', 'class_weights', 'FocalLoss', 'SigmoidFocalLoss', 'MaskedBCELoss',
-           'MaskedMSELoss', 'loss_for', 'check_focal_alpha', 'focal_alpha', 'make_loss']
+__all__ = ['LOSSES', 'FOCAL_ALPHAS', 'TASK_WEIGHTINGS', 'CCCLoss', 'class_weights', 'FocalLoss', 'SigmoidFocalLoss',
+           'MaskedBCELoss', 'MaskedMSELoss', 'loss_for', 'check_focal_alpha', 'focal_alpha', 'make_loss',
+           'MultiTaskLoss', 'make_multitask_loss']
 
 # %% ../nbs/11_losses.ipynb #a35fdd70
 def _validity(target, mask, invalid, per_frame=True):
@@ -219,3 +220,46 @@ def make_loss(task: str, name: str | None = None, gamma: float = 2.0, alpha: str
         pos, neg = (y == 1).sum(0), (y == 0).sum(0)
         return loss_for("au", "bce", pos_weight=torch.as_tensor(neg / np.maximum(pos, 1), dtype=torch.float32))
     return loss_for(task, name)
+
+# %% ../nbs/11_losses.ipynb #37194d23
+TASK_WEIGHTINGS = ("fixed", "uncertainty")
+
+class MultiTaskLoss(nn.Module):
+    """Σ_t w_t L_t over the tasks' `losses` (task → loss), each on its slice of the (…, 22) outputs, labels (…, 15) and valid
+    (…, 3) columns; `weights` (task → w_t, default 1); `weighting` 'uncertainty' learns a log-variance per task (Kendall et al.)."""
+    def __init__(self, losses: dict, weights: dict | None = None, weighting: str = "fixed"):
+        super().__init__()
+        self.losses = nn.ModuleDict({t: losses[t] for t in TASK_NAMES})
+        self.weights = {t: float((weights or {}).get(t, 1.0)) for t in TASK_NAMES}
+        self.weighting = check_option("weighting", weighting, TASK_WEIGHTINGS)
+        self.log_vars = nn.Parameter(torch.zeros(len(TASK_NAMES))) if weighting == "uncertainty" else None
+
+    def task_losses(self, out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        "Each task's loss (3,) over its valid frames (0 for a task without any) of `out` against `target`."
+        parts = []
+        for j, t in enumerate(TASK_NAMES):
+            y, v = target[..., LABEL_SLICES[t]], valid[..., j]
+            part = self.losses[t](out[..., OUTPUT_SLICES[t]], y[..., 0].long() if t == "expr" else y, v)
+            parts.append(torch.where(v.any(), part, 0.0))
+        return torch.stack(parts)
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        "The loss of `out` (…, 22) against `target` (…, 15), with `valid` (…, 3) True where a frame counts for a task."
+        if valid.shape[-1:] != (len(TASK_NAMES),) or target.shape[:-1] != valid.shape[:-1]:
+            raise ValueError(f"valid must have shape target.shape[:-1] + (3,), got {tuple(valid.shape)} and {tuple(target.shape)}")
+        losses, has = self.task_losses(out, target, valid), valid.flatten(0, -2).any(0)
+        if self.log_vars is not None: losses = torch.where(has, torch.exp(-self.log_vars) * losses + self.log_vars, 0.0)
+        return (torch.tensor([self.weights[t] for t in TASK_NAMES], device=out.device) * losses).sum()
+
+    def task_weights(self) -> dict:
+        "The weight of each task's loss now: w_t, times exp(−s_t) with uncertainty weighting."
+        learned = torch.ones(len(TASK_NAMES)) if self.log_vars is None else torch.exp(-self.log_vars.detach().cpu())
+        return {t: self.weights[t] * float(learned[j]) for j, t in enumerate(TASK_NAMES)}
+
+# %% ../nbs/11_losses.ipynb #df8daa60
+def make_multitask_loss(names: dict | None = None, gamma: float = 2.0, alpha: str | float = "paper", labels: dict | None = None,
+                        weights: dict | None = None, weighting: str = "fixed") -> MultiTaskLoss:
+    """The `MultiTaskLoss` of a run: each task's loss by `make_loss` (its name in `names`, None: the paper's; `gamma`, `alpha`
+    and the task's valid training `labels`), summed with `weights`, or learned `weighting`."""
+    names, labels = names or {}, labels or {}
+    return MultiTaskLoss({t: make_loss(t, names.get(t), gamma, alpha, labels.get(t)) for t in TASK_NAMES}, weights, weighting)

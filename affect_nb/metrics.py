@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 import numpy as np
 import torch
-from .tasks import AU_NAMES, EXPR_CLASSES, INVALID, check_task
+from .tasks import AU_NAMES, EXPR_CLASSES, INVALID, LABEL_SLICES, MTL, OUTPUT_SLICES, TASK_NAMES, check_task
 from .utils import jsonable
 
 # %% auto #0
 __all__ = ['VA_INVALID', 'EXPR_INVALID', 'N_EXPR', 'AU_INVALID', 'N_AU', 'AU_GRID', 'SCORES', 'ccc', 'va_score', 'expr_score',
-           'au_score', 'tune_au_thresholds', 'score', 'score_videos']
+           'au_score', 'tune_au_thresholds', 'score', 'multitask_score', 'score_videos', 'tune_video_thresholds']
 
 # %% ../nbs/12_metrics.ipynb #63425cb8
 def _np(a, dtype=np.float64) -> np.ndarray:
@@ -117,10 +117,38 @@ def score(task: str, pred, target, **kwargs) -> dict:
     "The ABAW measure of `task` ('va', 'expr', 'au') of `pred` against `target`, a dict with its `P`; `kwargs` go to the measure."
     return SCORES[check_task(task)](pred, target, **kwargs)
 
+# %% ../nbs/12_metrics.ipynb #62fbd6a2
+def multitask_score(pred, target, valid, threshold: float | Sequence[float] = 0.5) -> dict:
+    """P_MTL (`P`) = P_VA + P_EXPR + P_AU and its parts, of 22 per-frame scores `pred` against the 15 label columns `target`,
+    each task over its rows of `valid` (N, 3); AUs at `threshold`."""
+    p, t, v = _np(pred), _np(target), _np(valid, bool)
+    if p.ndim != 2 or p.shape[1] != 22 or t.shape != (len(p), 15) or v.shape != (len(p), 3):
+        raise ValueError(f"multitask_score: pred, target and valid must have shapes (N, 22), (N, 15), (N, 3), "
+                         f"got {p.shape}, {t.shape} and {v.shape}")
+    parts = {}
+    for j, task in enumerate(TASK_NAMES):
+        if not v[:, j].any(): raise ValueError(f"multitask_score: no valid frame of task {task!r} to score")
+        kw = dict(threshold=threshold) if task == "au" else {}
+        parts[task] = score(task, p[v[:, j], OUTPUT_SLICES[task]], t[v[:, j], LABEL_SLICES[task]].squeeze(-1) if task == "expr"
+                            else t[v[:, j], LABEL_SLICES[task]], **kw)
+    va, expr, au = parts["va"], parts["expr"], parts["au"]
+    return {"P": va["P"] + expr["P"] + au["P"], "P_VA": va["P"], "P_EXPR": expr["P"], "P_AU": au["P"],
+            "valence": va["valence"], "arousal": va["arousal"], "expr_f1": expr["f1"], "au_f1": au["f1"]}
+
 # %% ../nbs/12_metrics.ipynb #9619c82a
 def score_videos(task: str, videos, scores: list[np.ndarray]) -> dict:
     "The ABAW measures of `task` (a dict with 'P') over the valid frames of `videos` (with `.y`, `.valid`), given their per-frame `scores`."
     valid = np.concatenate([v.valid for v in videos]).astype(bool)
     if not valid.any(): raise ValueError("no valid label in the videos to score")
+    if task == MTL: return jsonable(multitask_score(np.concatenate(scores), np.concatenate([v.y for v in videos]), valid))
     pred, target = np.concatenate(scores)[valid], np.concatenate([v.y for v in videos])[valid]
     return jsonable(score(task, pred, target))
+
+# %% ../nbs/12_metrics.ipynb #9bb5bbf6
+def tune_video_thresholds(task: str, videos, scores: list[np.ndarray], grid: Sequence[float] = AU_GRID) -> dict:
+    "`tune_au_thresholds` on the AU scores and labels of the frames of `videos` valid for AUs (`task` 'au', or 'mtl')."
+    valid = np.concatenate([v.valid for v in videos]).astype(bool)
+    s, y = np.concatenate(scores), np.concatenate([v.y for v in videos])
+    if task == MTL: valid, s, y = valid[:, 2], s[:, OUTPUT_SLICES["au"]], y[:, LABEL_SLICES["au"]]
+    elif task != "au": raise ValueError(f"task {task!r} has no action units to tune thresholds for")
+    return tune_au_thresholds(s[valid], y[valid], grid)

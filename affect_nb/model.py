@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from .masking import FrameMasking
-from .tasks import N_OUTPUTS, check_task
+from .tasks import MTL, N_OUTPUTS, OUTPUT_SLICES, TASK_NAMES, check_run_task, check_task
 
 # %% auto #0
-__all__ = ['TASK_HEADS', 'POSITIONS', 'TaskHead', 'task_head', 'sinusoidal_positions', 'PositionalEncoding',
+__all__ = ['TASK_HEADS', 'POSITIONS', 'TaskHead', 'task_head', 'task_heads', 'sinusoidal_positions', 'PositionalEncoding',
            'TemporalTransformer', 'count_flops', 'SequenceModel', 'frame_scores']
 
 # %% ../nbs/10_model.ipynb #0bc8f806
@@ -27,8 +27,12 @@ class TaskHead(NamedTuple):
 TASK_HEADS = {"va": TaskHead(N_OUTPUTS["va"], "tanh"), "expr": TaskHead(N_OUTPUTS["expr"], None), "au": TaskHead(N_OUTPUTS["au"], None)}
 
 def task_head(task: str) -> TaskHead:
-    "The `TaskHead` of `task` ('va', 'expr' or 'au')."
-    return TASK_HEADS[check_task(task)]
+    "The `TaskHead` of `task` ('va', 'expr' or 'au'; 'mtl': all 22 outputs, each slice with its task's activation)."
+    return TaskHead(N_OUTPUTS[MTL], MTL) if check_run_task(task) == MTL else TASK_HEADS[check_task(task)]
+
+def task_heads(task: str) -> dict[str, TaskHead]:
+    "The heads of a model of `task`: its own, or the three tasks' for 'mtl'."
+    return {t: TASK_HEADS[t] for t in TASK_NAMES} if check_run_task(task) == MTL else {task: task_head(task)}
 
 # %% ../nbs/10_model.ipynb #24e8adc3
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -73,9 +77,13 @@ class TemporalTransformer(nn.Module):
                  max_len: int = 1024,  # longest sequence
                  pos: str = "sinusoidal",  # positions: 'sinusoidal' or 'learned'
                  activation: str | None = None,  # output activation: None (logits) or 'tanh'
-                 d_ff: int = 2048):  # width of the feed-forward sublayers
+                 d_ff: int = 2048,  # width of the feed-forward sublayers
+                 attn_dropout: float | None = None,  # dropout of the attention weights (None: `dropout`; 0: fused kernels)
+                 heads: dict | None = None):  # several heads side by side (name → TaskHead); their n_out sum to `n_out`
         super().__init__()
-        if activation not in (None, "tanh"): raise ValueError(f"activation must be None or 'tanh', got {activation!r}")
+        for act in [activation] + [h.activation for h in (heads or {}).values()]:
+            if act not in (None, "tanh"): raise ValueError(f"activation must be None or 'tanh', got {act!r}")
+        if heads and sum(h.n_out for h in heads.values()) != n_out: raise ValueError(f"the heads' outputs do not sum to n_out={n_out}")
         if d_model % n_heads: raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.in_dim, self.n_out, self.activation = in_dim, n_out, activation
         self.proj = nn.Sequential(nn.Linear(in_dim, d_model), nn.LayerNorm(d_model))
@@ -83,7 +91,10 @@ class TemporalTransformer(nn.Module):
         self.drop = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ff, dropout, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, n_out)
+        for block in self.encoder.layers: block.self_attn.dropout = dropout if attn_dropout is None else attn_dropout
+        self.head = None if heads else nn.Linear(d_model, n_out)
+        self.heads = nn.ModuleDict({k: nn.Linear(d_model, h.n_out) for k, h in heads.items()}) if heads else None
+        self.head_activations = [h.activation for h in heads.values()] if heads else None
 
     def _check(self, x, **masks):
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
@@ -96,6 +107,7 @@ class TemporalTransformer(nn.Module):
     @classmethod
     def for_task(cls, task: str, in_dim: int = 768, **kwargs) -> TemporalTransformer:
         "The encoder of `task` ('va', 'expr', 'au') over `in_dim` features, with the task's head; `kwargs` override the paper's settings."
+        if check_run_task(task) == MTL: return cls(in_dim, N_OUTPUTS[MTL], heads=task_heads(MTL), **kwargs)
         n_out, activation = task_head(task)
         return cls(in_dim, n_out, activation=activation, **kwargs)
 
@@ -109,8 +121,11 @@ class TemporalTransformer(nn.Module):
         if hidden is not None: x = x.masked_fill(hidden[..., None], 0.0)
         h = self.drop(self.pos(self.proj(x)))
         keys = None if hidden is None else hidden & ~hidden.all(1, keepdim=True)
-        out = self.head(self.encoder(h, src_key_padding_mask=keys))
-        if self.activation == "tanh": out = torch.tanh(out)
+        h = self.encoder(h, src_key_padding_mask=keys)
+        if self.heads is None: out = torch.tanh(self.head(h)) if self.activation == "tanh" else self.head(h)
+        else:
+            outs = [head(h) for head in self.heads.values()]
+            out = torch.cat([o.tanh() if a == "tanh" else o for o, a in zip(outs, self.head_activations)], -1)
         return out if padding_mask is None else out.masked_fill(padding_mask[..., None], 0.0)
 
 # %% ../nbs/10_model.ipynb #54df75b1
@@ -137,9 +152,12 @@ class SequenceModel(nn.Module):
         self.temporal = TemporalTransformer.for_task(task, in_dim, **model_kwargs)
 
     def set_feature_stats(self, videos) -> SequenceModel:
-        "Standardise inputs with the mean and std of each feature over the frames with an image of `videos` (each with `.x`, `.has_image`)."
-        x = torch.from_numpy(np.concatenate([np.asarray(v.x[v.has_image], np.float64) for v in videos]))
-        if len(x): self.feature_mean.copy_(x.mean(0)); self.feature_std.copy_(x.std(0, correction=0).clamp_min(1e-6))
+        """Standardise inputs with the mean and std of each feature over the frames with an image of `videos` (each with `.x`,
+        `.has_image`), computed in one streaming pass (`feature_stats`: memory of a chunk, not of the split)."""
+        from affect_nb.windows import feature_stats
+        if not any(np.asarray(v.has_image).any() for v in videos): return self
+        mean, std = feature_stats(videos)
+        self.feature_mean.copy_(torch.from_numpy(mean)); self.feature_std.copy_(torch.from_numpy(std).clamp_min(1e-6))
         return self
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, missing: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,4 +169,5 @@ class SequenceModel(nn.Module):
 
 def frame_scores(task: str, out: torch.Tensor) -> torch.Tensor:
     "Model outputs `out` as per-frame scores: valence-arousal as they are, expression (softmax) and AU (sigmoid) probabilities."
+    if task == MTL: return torch.cat([frame_scores(t, out[..., OUTPUT_SLICES[t]]) for t in TASK_NAMES], -1)
     return out if task == "va" else out.softmax(-1) if task == "expr" else out.sigmoid()

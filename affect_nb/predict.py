@@ -10,28 +10,23 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from .config import int_setting, load_checkpoint
 from .model import frame_scores, task_head
-from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, label_columns
+from .tasks import AU_NAMES, EXPR_CLASSES, HEADERS, MTL, OUTPUT_SLICES, TASK_NAMES, label_columns
 from .utils import atomic_write_text, check_writable, get_device, path_component, rank_world
-from .data import ON_MISSING_IMAGES
+from .data import ON_MISSING_IMAGES, list_videos, read_annotation, split_dir
 from .tasks import check_option
-from .windows import WindowDataset, eval_windows, load_split
+from .windows import eval_windows, load_split, to_device, window_loader
 
 # %% auto #0
 __all__ = ['SUBMISSION_HEADER', 'predict_videos', 'predictions_frame', 'predict', 'nearest_rows', 'write_submission',
-           'fill_missing']
+           'submission_paths', 'task_frames', 'write_submissions', 'fill_missing']
 
 # %% ../nbs/14_predict.ipynb #90012d99
 def _autocast(device: torch.device):
     "bf16 autocast on CUDA; a disabled autocast (float32) elsewhere."
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-def _to(batch: dict, device: torch.device) -> dict:
-    "Every tensor of `batch` on `device`."
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 @torch.no_grad()
 def predict_videos(model: nn.Module, videos: list, task: str, seq_len: int, stride: int | None = None, batch_size: int = 64,
@@ -46,11 +41,9 @@ def predict_videos(model: nn.Module, videos: list, task: str, seq_len: int, stri
     dtype = torch.float32 if device.type == "mps" else torch.float64
     total = torch.zeros(int(first_row[-1]), task_head(task).n_out, dtype=dtype, device=device)
     count = torch.zeros(int(first_row[-1]), dtype=dtype, device=device)
-    mine = np.arange(rank, len(windows), world)
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    for batch in tqdm(DataLoader(WindowDataset(videos, windows, seq_len, task), batch_sampler=batches), desc="predict",
-                      leave=False, disable=not progress or rank > 0):
-        batch = _to(batch, device)
+    loader = window_loader(videos, windows, seq_len, task, np.arange(rank, len(windows), world), batch_size, device)
+    for batch in tqdm(loader, desc="predict", leave=False, disable=not progress or rank > 0):
+        batch = to_device(batch, device)
         with _autocast(device): out = model(batch["x"], batch["pad"], batch["missing"])
         window = torch.from_numpy(windows[batch["window"].cpu().numpy()]).to(device)
         rows = (first_row[window[:, 0]] + window[:, 1])[:, None] + torch.arange(seq_len, device=device)
@@ -64,6 +57,9 @@ def predict_videos(model: nn.Module, videos: list, task: str, seq_len: int, stri
 # %% ../nbs/14_predict.ipynb #7e38b541
 def predictions_frame(task: str, videos: list, scores: list[np.ndarray], thresholds=None) -> pd.DataFrame:
     "Per-frame predictions of `videos` from their `scores`: video, frame, has_image, the label columns of `task` and the scores (p_*)."
+    if task == MTL:
+        parts = [predictions_frame(t, videos, [s[:, OUTPUT_SLICES[t]] for s in scores], thresholds) for t in TASK_NAMES]
+        return pd.concat([parts[0], *(p.drop(columns=["video", "frame", "has_image"]) for p in parts[1:])], axis=1)
     s = np.concatenate(scores) if scores else np.zeros((0, task_head(task).n_out))
     df = pd.DataFrame(dict(video=np.repeat([v.name for v in videos], [len(v) for v in videos]),
                            frame=np.concatenate([v.frames for v in videos]).astype(np.int64) if videos else np.zeros(0, np.int64),
@@ -76,14 +72,19 @@ def predictions_frame(task: str, videos: list, scores: list[np.ndarray], thresho
 
 def predict(checkpoint: str | Path, data_dir: str | Path, split: str = "val", task: str | None = None,
             cache_dir: str | Path | None = None, videos: list[str] | None = None, max_videos: int | None = None,
-            batch_size: int = 64, device: str = "auto", thresholds=None, progress: bool = True,
+            batch_size: int = 64, device: str = "auto", thresholds: str | list | None = None, progress: bool = True,
             on_missing_images: str = "error") -> pd.DataFrame:
-    "Per-frame predictions (`predictions_frame`) of the checkpoint (or run) `checkpoint` for `split` of `data_dir` ('test' needs `videos`)."
+    """Per-frame predictions (`predictions_frame`) of the checkpoint (or run) `checkpoint` for `split` of `data_dir` ('test' needs
+    `videos`); AUs at 0.5, at `thresholds` (one per AU), or at the checkpoint's tuned ones (`thresholds="tuned"`)."""
     if videos is not None: videos = [path_component(v, "video") for v in videos]  # before any file is read or written
     check_option("on_missing_images", on_missing_images, ON_MISSING_IMAGES)
     int_setting("batch_size", batch_size, 1)
     device = get_device(device)
-    model, cfg, _ = load_checkpoint(checkpoint, task=task, device=device)
+    model, cfg, meta = load_checkpoint(checkpoint, task=task, device=device)
+    if isinstance(thresholds, str):
+        if thresholds != "tuned": raise ValueError(f"thresholds must be None, one per AU or 'tuned', got {thresholds!r}")
+        if "au_thresholds" not in meta: raise ValueError(f"checkpoint {checkpoint} holds no tuned AU thresholds (a {cfg.task} run)")
+        thresholds = meta["au_thresholds"]
     cache_dir = cache_dir if cache_dir is not None else cfg.features.get("cache_dir")
     if cache_dir is None: raise ValueError("pass cache_dir: the checkpoint does not name a feature cache")
     check_writable(cache_dir, "feature cache folder")
@@ -129,6 +130,24 @@ def write_submission(preds: pd.DataFrame, path: str | Path, task: str, frames: p
     if task != "va": out[columns] = out[columns].round().astype(np.int64)
     atomic_write_text(Path(path), "\n".join(_submission_lines(out, task)) + "\n")
     return Path(path)
+
+# %% ../nbs/14_predict.ipynb #8f506494
+def submission_paths(path: str | Path, task: str) -> dict[str, Path]:
+    "The submission file of each task of a run of `task`: `path` itself, or for 'mtl' `<stem>_<task><suffix>` beside it."
+    path = Path(path)
+    return {t: path.with_name(f"{path.stem}_{t}{path.suffix}") for t in TASK_NAMES} if task == MTL else {task: path}
+
+def task_frames(data_dir: str | Path, task: str, split: str, videos: list[str]) -> pd.DataFrame:
+    "The (video, frame) rows that `task`'s annotation files of `split` under `data_dir` list for `videos`: its submission file's rows."
+    folder = split_dir(data_dir, task, split)
+    names = sorted(set(videos) & set(list_videos(data_dir, task, split))) if folder.is_dir() else []
+    tables = [pd.DataFrame({"video": v, "frame": read_annotation(folder / f"{v}.txt", task)["frame"]}) for v in names]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame({"video": [], "frame": np.zeros(0, np.int64)})
+
+def write_submissions(preds: pd.DataFrame, path: str | Path, task: str, frames: dict | None = None) -> dict[str, Path]:
+    """Write the submission file of each task of a run of `task` (`submission_paths`) from `preds`; `frames` (task → video, frame
+    rows) lists each file's rows (default the rows of `preds`)."""
+    return {t: write_submission(preds, p, t, None if frames is None else frames[t]) for t, p in submission_paths(path, task).items()}
 
 # %% ../nbs/14_predict.ipynb #19b3f931
 def fill_missing(scores: np.ndarray, has_image: np.ndarray) -> np.ndarray:

@@ -9,13 +9,23 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from .metrics import tune_au_thresholds
+from .metrics import tune_video_thresholds
 from .predict import fill_missing
-from .tasks import AU_NAMES, EXPR_CLASSES
+from .tasks import AU_NAMES, EXPR_CLASSES, LABEL_SLICES, MTL, OUTPUT_SLICES, TASK_NAMES
+from .windows import Video
 from .utils import git_commit, jsonable, machine, repo_relative, repo_root
 
 # %% auto #0
-__all__ = ['linear_probe', 'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time', 'plot_va_density']
+__all__ = ['task_view', 'linear_probe', 'run_metrics', 'plot_history', 'plot_confusion', 'plot_au', 'plot_va_time',
+           'plot_va_density']
+
+# %% ../nbs/16_report.ipynb #fa371d28
+def task_view(videos: list, scores: list[np.ndarray] | None, task: str) -> tuple[list, list | None]:
+    "`videos` (and their `scores`) of a multi-task run as those of the single `task`: its labels, its valid column, its scores."
+    j, cols = TASK_NAMES.index(task), LABEL_SLICES[task]
+    label = lambda v: v.y[:, cols.start].astype(np.int64) if task == "expr" else v.y[:, cols]
+    views = [Video(v.name, v.frames, v.x, v.has_image, label(v), v.valid[:, j]) for v in videos]
+    return views, None if scores is None else [s[:, OUTPUT_SLICES[task]] for s in scores]
 
 # %% ../nbs/16_report.ipynb #5d4edaef
 def _fit_probe(x: np.ndarray, y: np.ndarray, task: str, seed: int):
@@ -40,15 +50,21 @@ def _probe_scores(models, features: np.ndarray, task: str) -> np.ndarray:
 
 def linear_probe(train_videos: list, val_videos: list, task: str, seed: int = 0, max_frames: int = 50_000) -> list[np.ndarray]:
     """Per-frame scores of `val_videos` from linear models of single frames' features fitted on `train_videos` (ridge for VA,
-    logistic regression for EXPR and each AU)."""
+    logistic regression for EXPR and each AU); 'mtl': one probe per task, side by side."""
+    if task == MTL:
+        views = [(task_view(train_videos, None, t)[0], task_view(val_videos, None, t)[0]) for t in TASK_NAMES]
+        parts = [linear_probe(tv, vv, t, seed, max_frames) for (tv, vv), t in zip(views, TASK_NAMES)]
+        return [np.concatenate(p, 1) for p in zip(*parts)]
     from sklearn.preprocessing import StandardScaler
-    keep = [v.valid & v.has_image for v in train_videos]
-    x = np.concatenate([v.x[k] for v, k in zip(train_videos, keep)]).astype(np.float32)
-    y = np.concatenate([v.y[k] for v, k in zip(train_videos, keep)])
-    if len(x) == 0: raise ValueError("no training frame with an image and a valid label")
-    pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:max_frames])
-    scaler = StandardScaler().fit(x[pick])
-    models = _fit_probe(scaler.transform(x[pick]), y[pick], task, seed)
+    rows = [np.flatnonzero(v.valid & v.has_image) for v in train_videos]
+    first = np.cumsum([0] + [len(r) for r in rows])
+    if first[-1] == 0: raise ValueError("no training frame with an image and a valid label")
+    pick = np.sort(np.random.default_rng(seed).permutation(first[-1])[:max_frames])  # only these frames are read
+    at = np.searchsorted(first, pick, side="right") - 1
+    x = np.concatenate([np.asarray(v.x[r[pick[at == i] - first[i]]], np.float32) for i, (v, r) in enumerate(zip(train_videos, rows))])
+    y = np.concatenate([v.y[r[pick[at == i] - first[i]]] for i, (v, r) in enumerate(zip(train_videos, rows))])
+    scaler = StandardScaler().fit(x)
+    models = _fit_probe(scaler.transform(x), y, task, seed)
     return [fill_missing(_probe_scores(models, scaler.transform(np.asarray(v.x, np.float32)), task).astype(np.float32), v.has_image)
             for v in val_videos]
 
@@ -60,10 +76,8 @@ def run_metrics(result, params: dict, probe: dict | None = None, root=None, **ex
     cfg, measures = result.config, dict(result.metrics)
     out = dict(task=cfg.task, P=measures.pop("P"), **measures, best_epoch=result.best_epoch, epochs_run=len(result.history))
     val_videos = result.val_videos
-    if cfg.task == "au" and val_videos is not None:
-        valid = np.concatenate([v.valid for v in val_videos])
-        labels = np.concatenate([v.y for v in val_videos])[valid]
-        out["tuned"] = jsonable(tune_au_thresholds(np.concatenate(result.val_scores)[valid], labels))
+    if cfg.task in ("au", MTL) and val_videos is not None:
+        out["tuned"] = jsonable(tune_video_thresholds(cfg.task, val_videos, result.val_scores))
     if probe is not None: out["probe"] = jsonable(probe)
     package = Path(affect_nb.__file__).parent
     out.update(params=jsonable(params), config=jsonable(asdict(cfg)), **jsonable(extra), version=affect_nb.__version__,

@@ -5,23 +5,24 @@
 # %% ../nbs/22_studies.ipynb #c1a3efb2
 from __future__ import annotations
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from .stats import mean_ci, paired_test, successful_runs, summarize_runs
 from .sweep import format_value
-from .tasks import TASK_NAMES
+from .tasks import MTL, TASK_NAMES
 
 # %% auto #0
-__all__ = ['MASK_PS', 'GAMMAS', 'SEQ_LENS', 'STUDY_NAMES', 'FOCAL_PARAMS', 'MEASURES', 'PUBLISHED', 'Study', 'ablation_studies',
-           'plot_summary', 'analyse', 'findings', 'paper_table']
+__all__ = ['MASK_PS', 'GAMMAS', 'SEQ_LENS', 'STUDY_NAMES', 'FOCAL_PARAMS', 'MEASURES', 'PUBLISHED', 'Study', 'multitask_runs',
+           'ablation_studies', 'plot_summary', 'analyse', 'findings', 'paper_table']
 
 # %% ../nbs/22_studies.ipynb #c3eaf694
 MASK_PS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8)
 GAMMAS = (0, 1, 2, 5)
 SEQ_LENS = (16, 32, 64, 100)
-STUDY_NAMES = ("masking", "loss", "pooling", "seq_len")
+STUDY_NAMES = ("masking", "loss", "pooling", "seq_len", "mtl")
 FOCAL_PARAMS = dict(gamma="focal_gamma", alpha="focal_alpha")
 
 @dataclass
@@ -34,6 +35,7 @@ class Study:
     reference: dict
     x: str = ""  # the figure's axis (default: the first of `by`)
     hue: str | None = None  # one series per value of this column
+    prepare: Callable | None = None  # turns the runs into the rows analysed (default: as they are)
 
     @property
     def params(self) -> set:
@@ -85,6 +87,18 @@ def _pooling_study(tasks) -> Study:
                  reference=dict(pooling="token"),
                  x="pooling")
 
+def multitask_runs(runs: pd.DataFrame, tasks=TASK_NAMES) -> pd.DataFrame:
+    "`runs` of single-task and multi-task models as one row per task and run: `model` says which, `P` is that task's (P_VA, ...)."
+    single, multi = runs[runs.task != MTL].assign(model="single-task"), runs[runs.task == MTL]
+    heads = [multi.assign(task=t, model="multi-task", P=multi.get(f"P_{t.upper()}", np.nan)) for t in tasks]
+    return pd.concat([single, *heads], ignore_index=True)
+
+def _mtl_study(tasks) -> Study:
+    "Each task's single-task model against that task's head of one multi-task model (task 'mtl', trained on all three)."
+    return Study(name="mtl", question="Does one multi-task model match the single-task models, task by task?",
+                 points=[dict(task=t) for t in tasks] + [dict(task=MTL)], by=["model"], reference=dict(model="single-task"),
+                 x="model", prepare=lambda runs: multitask_runs(runs, tasks))
+
 def _seq_len_study(tasks, seq_lens) -> Study:
     "Windows of each of `seq_lens` frames, against the longest."
     return Study(name="seq_len",
@@ -119,6 +133,7 @@ def ablation_studies(study: str = "all", tasks=TASK_NAMES, mask_ps=MASK_PS, elem
     if "loss" in wanted: studies += _loss_studies(tasks, gammas)
     if "pooling" in wanted: studies.append(_pooling_study(tasks))
     if "seq_len" in wanted: studies.append(_seq_len_study(tasks, seq_lens))
+    if "mtl" in wanted: studies.append(_mtl_study(tasks))
     return studies if declared is None else _runnable(studies, declared)
 
 # %% ../nbs/22_studies.ipynb #b07ca665
@@ -167,6 +182,7 @@ def _study_figure(table: pd.DataFrame, study: Study, value: str):
 
 def analyse(runs: pd.DataFrame, study: Study, value: str = "P", conf: float = 0.95, alpha: float = 0.05):
     "`study`'s `runs` per task: the `summarize_runs` table with the `paired_test` against the reference merged in, and its figure."
+    if study.prepare is not None: runs = study.prepare(runs)
     summary = summarize_runs(runs, study.by, value, within="task", conf=conf)
     tests = paired_test(runs, study.by, study.reference, value, within="task", conf=conf, alpha=alpha)
     if len(tests): table = summary.merge(tests, on=["task"] + study.by, how="left")

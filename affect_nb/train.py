@@ -13,18 +13,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from .config import TrainConfig, int_setting, read_weights, save_checkpoint
 from .backbone import POOLINGS
 from .data import ON_MISSING_IMAGES, SPLITS, split_overlap
-from .tasks import check_option
-from .losses import make_loss
-from .metrics import score_videos
+from .tasks import LABEL_SLICES, MTL, TASK_NAMES, check_option
+from .losses import make_loss, make_multitask_loss
+from .metrics import score_videos, tune_video_thresholds
 from .model import SequenceModel
-from .predict import _autocast, _to, predict_videos
+from .predict import _autocast, predict_videos
 from .utils import atomic_write, check_writable, get_device, init_distributed, jsonable, seed_everything
-from .windows import Video, WindowDataset, load_split, shard, train_windows
+from .windows import Video, Videos, load_split, shard, to_device, train_windows, window_loader
 
 # %% auto #0
 __all__ = ['RunState', 'FitResult', 'fit', 'train']
@@ -114,11 +113,19 @@ class _Run:
     world: int
     out_dir: Path
     ddp: nn.Module | None = None
-    dataset: WindowDataset | None = None
+    videos: Videos | None = None  # the training videos, in one contiguous array each field
 
-def _valid_labels(videos: list[Video]) -> np.ndarray:
-    "The labels of the valid frames of `videos`, stacked."
-    return np.concatenate([v.y[v.valid] for v in videos])
+def _valid_labels(videos: list[Video], task: str) -> np.ndarray | dict:
+    "The labels of the valid frames of `videos`, stacked; for 'mtl' each task's (task → labels of the frames valid for it)."
+    if task != MTL: return np.concatenate([v.y[v.valid] for v in videos])
+    labels = {t: np.concatenate([v.y[v.valid[:, j], LABEL_SLICES[t]] for v in videos]) for j, t in enumerate(TASK_NAMES)}
+    return {**labels, "expr": labels["expr"][:, 0].astype(np.int64)}
+
+def _criterion(cfg: TrainConfig, train_videos: list[Video]) -> nn.Module:
+    "The loss of a run of `cfg`: its task's (`make_loss`), or for 'mtl' the weighted sum of the three (`make_multitask_loss`)."
+    labels = _valid_labels(train_videos, cfg.task)
+    if cfg.task != MTL: return make_loss(cfg.task, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, labels)
+    return make_multitask_loss(cfg.losses(), cfg.focal_gamma, cfg.focal_alpha, labels, cfg.task_weights, cfg.task_weighting)
 
 def _set_up(cfg: TrainConfig, train_videos: list[Video], val_videos: list[Video], out_dir: str | Path) -> _Run:
     "The device, process group, seeded model, loss and optimiser of a run of `cfg` on `train_videos`."
@@ -130,8 +137,8 @@ def _set_up(cfg: TrainConfig, train_videos: list[Video], val_videos: list[Video]
     cfg = replace(cfg, in_dim=int(train_videos[0].x.shape[1]))
     seed_everything(cfg.seed)
     model = SequenceModel(cfg.task, cfg.in_dim, **cfg.model_kwargs()).set_feature_stats(train_videos).to(device)
-    criterion = make_loss(cfg.task, cfg.loss, cfg.focal_gamma, cfg.focal_alpha, _valid_labels(train_videos)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    criterion = _criterion(cfg, train_videos).to(device)
+    opt = torch.optim.AdamW([*model.parameters(), *criterion.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return _Run(cfg, model, criterion, opt, device, rank, world, Path(out_dir))
 
 def _resume(run: _Run, resume: bool) -> RunState:
@@ -141,6 +148,7 @@ def _resume(run: _Run, resume: bool) -> RunState:
     state = RunState()
     if saved is not None:
         run.model.load_state_dict(saved["model"]); run.opt.load_state_dict(saved["optimizer"])
+        if "criterion" in saved: run.criterion.load_state_dict(saved["criterion"])
         state = RunState.from_last(saved)
         if saved["rng"] is not None: _set_rng_state(saved["rng"][run.rank], run.device)
     state.best_weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
@@ -152,21 +160,22 @@ def _resume(run: _Run, resume: bool) -> RunState:
 # %% ../nbs/15_train.ipynb #122980c9
 def _train_epoch(run: _Run, epoch: int, progress: bool) -> tuple[float, int]:
     "One `epoch` over this process's share of the training windows; the mean training loss over all processes, and the windows."
-    cfg, dataset = run.cfg, run.dataset
+    cfg = run.cfg
     rng = np.random.default_rng((cfg.seed, epoch))
-    dataset.windows = train_windows(dataset.videos, cfg.seq_len, cfg.stride, rng)
-    order = shard(rng.permutation(len(dataset.windows)), run.rank, run.world)
+    windows = train_windows(run.videos, cfg.seq_len, cfg.stride, rng)
+    order = shard(rng.permutation(len(windows)), run.rank, run.world)
     per_batch = max(cfg.batch_size // run.world, 1)
-    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
     run.ddp.train()
     total = torch.zeros(2, dtype=torch.float64, device=run.device)  # sum of the batch losses, number of batches
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+    loader = window_loader(run.videos, windows, cfg.seq_len, cfg.task, order, per_batch, run.device, cfg.num_workers)
     for batch in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not progress or run.rank > 0):
-        batch = _to(batch, run.device)
+        batch = to_device(batch, run.device)
         with _autocast(run.device): out = run.ddp(batch["x"], batch["pad"], batch["missing"])
         loss = run.criterion(out.float(), batch["y"], batch["valid"])
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if run.world > 1:  # the loss's own parameters (learned task weights) are outside DDP: average their gradients
+            for p in run.criterion.parameters(): dist.all_reduce(p.grad); p.grad /= run.world
         run.opt.step()
         total += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=run.device)])
     if run.world > 1: dist.all_reduce(total)
@@ -183,7 +192,8 @@ def _save_last(run: _Run, state: RunState):
     if run.world > 1: dist.all_gather_object(rngs, [s.cpu() for s in _rng_state(run.device)])
     else: rngs = [_rng_state(run.device)]
     if run.rank > 0: return
-    last = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), epoch=state.epoch, history=json.dumps(state.history),
+    last = dict(model=run.model.state_dict(), optimizer=run.opt.state_dict(), criterion=run.criterion.state_dict(), epoch=state.epoch,
+                history=json.dumps(state.history),
                 bad_epochs=state.bad_epochs, best_p=state.best_p, best_epoch=state.best_epoch, rng=rngs,
                 config=json.dumps(jsonable(asdict(run.cfg))))
     atomic_write(run.out_dir / "last.pt", lambda p: _torch_save(last, p))
@@ -194,13 +204,17 @@ def _epoch(run: _Run, state: RunState, val_videos: list[Video], epoch: int, prog
     start = time.perf_counter()
     loss, n_windows = _train_epoch(run, epoch, progress)
     train_seconds = time.perf_counter() - start
-    measures = score_videos(run.cfg.task, val_videos, _validation_scores(run, val_videos))
+    scores = _validation_scores(run, val_videos)
+    measures = score_videos(run.cfg.task, val_videos, scores)
     parts = {f"val_{k}": v for k, v in measures.items() if k != "P" and np.isscalar(v)}
-    state.history.append(dict(epoch=epoch, train_loss=loss, val_P=measures["P"], **parts, seconds=time.perf_counter() - start,
+    weights = {f"weight_{t}": w for t, w in run.criterion.task_weights().items()} if run.cfg.task == MTL else {}
+    state.history.append(dict(epoch=epoch, train_loss=loss, val_P=measures["P"], **parts, **weights, seconds=time.perf_counter() - start,
                               train_windows_per_s=n_windows / train_seconds))
     if state.update(epoch, measures["P"]):
         state.best_weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-        if run.rank == 0: save_checkpoint(run.out_dir / "checkpoint", run.model, run.cfg, epoch=epoch, P=measures["P"])
+        has_au = run.cfg.task in ("au", MTL)
+        tuned = {"au_thresholds": tune_video_thresholds(run.cfg.task, val_videos, scores)["thresholds"]} if has_au else {}
+        if run.rank == 0: save_checkpoint(run.out_dir / "checkpoint", run.model, run.cfg, epoch=epoch, P=measures["P"], **tuned)
     _save_last(run, state)
     if run.rank == 0 and progress:
         print(f"epoch {epoch}: train loss {loss:.4f}, val P {measures['P']:.4f}" + (" *" if state.best_epoch == epoch else ""), flush=True)
@@ -214,7 +228,7 @@ def fit(cfg: TrainConfig, train_videos: list[Video], val_videos: list[Video], ou
     state = _resume(run, resume)
     cuda = run.device.type == "cuda"
     run.ddp = DistributedDataParallel(run.model, device_ids=[run.device.index] if cuda else None) if run.world > 1 else run.model
-    run.dataset = WindowDataset(train_videos, np.zeros((0, 3), np.int64), run.cfg.seq_len, run.cfg.task)
+    run.videos = Videos.stack(train_videos)  # the split's rows in one array per field (no copy when they already are)
     for epoch in range(state.epoch + 1, run.cfg.epochs + 1):
         if state.bad_epochs >= run.cfg.patience: break
         _epoch(run, state, val_videos, epoch, progress)
@@ -237,7 +251,7 @@ def _check_run(data_dir: Path, task: str, out_dir: Path, cache_dir: Path, featur
     check_option("on_missing_images", feature_args["on_missing_images"], ON_MISSING_IMAGES)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data_dir {data_dir} does not exist: point it at an Aff-Wild2 tree (or a synthetic one, see affect-synth)")
-    both = split_overlap(data_dir, task)
+    both = split_overlap(data_dir, task) if task != MTL else []  # the multi-task split validates on videos in both splits
     if both: raise ValueError(f"{len(both)} video(s) of task {task!r} are annotated in both {SPLITS['train']} and {SPLITS['val']} "
                               f"under {data_dir}, so training would be validated on its own frames: {_names(both)}; keep each in one split")
     check_writable(out_dir, "output folder")
