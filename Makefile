@@ -7,7 +7,9 @@ DATA ?= data/synthetic
 TASKS ?= va expr au
 DEMO ?= reports/demo
 
-.PHONY: install demo test test-nbs test-py check export clean-nbs readme reports check-reports
+.PHONY: install browser demo test test-nbs test-py check export clean-nbs readme reports check-reports
+# Playwright (a dev requirement) drives the system's Chromium: it never downloads a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD = 1
 
 install: $(VENV)/.installed
 
@@ -34,8 +36,25 @@ test: install test-nbs test-py
 test-nbs:
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
-test-py:
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --durations=10 tests
+# -rs: each skipped test says why (tests/test_browser.py without Chromium).
+test-py: browser
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -rs --durations=10 tests
+
+# Chromium for tests/test_browser.py (the notebooks in JupyterLab, in a headless browser): Debian's package, installed with
+# apt-get when it is missing and apt-get can be used (as root, or through sudo that asks no password). It never fails the
+# build: without Chromium that test is skipped, and says so.
+APT_CHROMIUM = env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then su=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then su="sudo -n"; \
+	  else su=none; fi; \
+	  if [ "$$su" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "make browser: no chromium and no usable apt-get: tests/test_browser.py will be skipped"; \
+	  else \
+	    echo "make browser: installing chromium with apt-get"; \
+	    $$su $(APT_CHROMIUM) || { $$su apt-get update -qq && $$su $(APT_CHROMIUM); } || \
+	      echo "make browser: apt-get could not install chromium: tests/test_browser.py will be skipped"; \
+	  fi; }
 
 export:
 	$(BIN)/nbdev_export
