@@ -77,7 +77,7 @@ REPRODUCIBLE = $(shell $(BIN)/python -c "from affect_nb.utils import reproducibl
 
 # The committed synthetic-data reports: every ablation study and the paper preset, quick mode, 3 seeds, in the reproducible
 # mode, with a feature cache of their own (features and the shared backbone made in the mode, never ones made without it).
-# (19 min 46 s from a fresh clone on 2 CPU cores without the mode, the install included; the mode makes a run slower.)
+# (20 min 35 s from a fresh clone on 2 CPU cores in the mode, the install included, with other jobs beside it.)
 # REPORT_JOBS sets only how many runs go at once: in the mode each has one thread, so the numbers do not depend on it.
 REPORT_JOBS ?= 2
 REPORT_CACHE ?= data/features-reproducible
