@@ -6,7 +6,6 @@
 from __future__ import annotations
 import math
 from typing import NamedTuple
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -151,13 +150,9 @@ class SequenceModel(nn.Module):
         self.masking = FrameMasking(mask_p, mask_mode, dim=in_dim)
         self.temporal = TemporalTransformer.for_task(task, in_dim, **model_kwargs)
 
-    def set_feature_stats(self, videos) -> SequenceModel:
-        """Standardise inputs with the mean and std of each feature over the frames with an image of `videos` (each with `.x`,
-        `.has_image`), computed in one streaming pass (`feature_stats`: memory of a chunk, not of the split)."""
-        from affect_nb.windows import feature_stats
-        if not any(np.asarray(v.has_image).any() for v in videos): return self
-        mean, std = feature_stats(videos)
-        self.feature_mean.copy_(torch.from_numpy(mean)); self.feature_std.copy_(torch.from_numpy(std).clamp_min(1e-6))
+    def set_feature_stats(self, mean, std) -> SequenceModel:
+        "Standardise inputs with the per-feature `mean` and `std` (D,) of the training frames (the windows chapter's `feature_stats`)."
+        self.feature_mean.copy_(torch.as_tensor(mean)); self.feature_std.copy_(torch.as_tensor(std).clamp_min(1e-6))
         return self
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, missing: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pandas as pd
 from .metrics import tune_video_thresholds
 from .predict import fill_missing
 from .tasks import AU_NAMES, EXPR_CLASSES, LABEL_SLICES, MTL, OUTPUT_SLICES, TASK_NAMES
-from .windows import Video
+from .windows import Video, sample_frames
 from .utils import git_commit, jsonable, machine, repo_relative, repo_root
 
 # %% auto #0
@@ -56,13 +56,9 @@ def linear_probe(train_videos: list, val_videos: list, task: str, seed: int = 0,
         parts = [linear_probe(tv, vv, t, seed, max_frames) for (tv, vv), t in zip(views, TASK_NAMES)]
         return [np.concatenate(p, 1) for p in zip(*parts)]
     from sklearn.preprocessing import StandardScaler
-    rows = [np.flatnonzero(v.valid & v.has_image) for v in train_videos]
-    first = np.cumsum([0] + [len(r) for r in rows])
-    if first[-1] == 0: raise ValueError("no training frame with an image and a valid label")
-    pick = np.sort(np.random.default_rng(seed).permutation(first[-1])[:max_frames])  # only these frames are read
-    at = np.searchsorted(first, pick, side="right") - 1
-    x = np.concatenate([np.asarray(v.x[r[pick[at == i] - first[i]]], np.float32) for i, (v, r) in enumerate(zip(train_videos, rows))])
-    y = np.concatenate([v.y[r[pick[at == i] - first[i]]] for i, (v, r) in enumerate(zip(train_videos, rows))])
+    keep = [v.valid & v.has_image for v in train_videos]
+    if not any(k.any() for k in keep): raise ValueError("no training frame with an image and a valid label")
+    x, y = sample_frames(train_videos, keep, max_frames, seed)  # only the sampled frames are read, never all of them stacked
     scaler = StandardScaler().fit(x)
     models = _fit_probe(scaler.transform(x), y, task, seed)
     return [fill_missing(_probe_scores(models, scaler.transform(np.asarray(v.x, np.float32)), task).astype(np.float32), v.has_image)

@@ -23,7 +23,7 @@ from .metrics import score_videos, tune_video_thresholds
 from .model import SequenceModel
 from .predict import _autocast, predict_videos
 from .utils import atomic_write, check_writable, get_device, init_distributed, jsonable, seed_everything
-from .windows import Video, Videos, load_split, shard, to_device, train_windows, window_loader
+from .windows import Video, Videos, feature_stats, load_split, shard, to_device, train_windows, window_loader
 
 # %% auto #0
 __all__ = ['RunState', 'FitResult', 'fit', 'train']
@@ -136,7 +136,7 @@ def _set_up(cfg: TrainConfig, train_videos: list[Video], val_videos: list[Video]
     rank, world = init_distributed(device)
     cfg = replace(cfg, in_dim=int(train_videos[0].x.shape[1]))
     seed_everything(cfg.seed)
-    model = SequenceModel(cfg.task, cfg.in_dim, **cfg.model_kwargs()).set_feature_stats(train_videos).to(device)
+    model = SequenceModel(cfg.task, cfg.in_dim, **cfg.model_kwargs()).set_feature_stats(*feature_stats(train_videos)).to(device)
     criterion = _criterion(cfg, train_videos).to(device)
     opt = torch.optim.AdamW([*model.parameters(), *criterion.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     return _Run(cfg, model, criterion, opt, device, rank, world, Path(out_dir))

@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from affect_nb.config import load_checkpoint
 from affect_nb.data import SPLITS, TASKS, frame_index, held_out_videos
 from affect_nb.explore import summarize
-from affect_nb.features import extract_features
 from affect_nb.synth import make_synthetic
-from affect_nb.tasks import AU_NAMES, EXPR_CLASSES, HEADERS, INVALID, TASK_NAMES, label_columns
+from affect_nb.tasks import AU_NAMES, EXPR_CLASSES, INVALID, TASK_NAMES, label_columns
 from affect_nb.train import train
+from trees import extract_all
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "experiments" / "train.ipynb"
@@ -38,12 +37,10 @@ def _held_out_tree(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def mtl_tree(tmp_path_factory):
     "The tree of `_held_out_tree`, its truth and the features of all its frames from a tiny random ViT."
-    torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("mtl")
     data, cache = base / "data", base / "features"
     truth = _held_out_tree(data)
-    index = pd.concat([frame_index(data, t, s) for t in TASK_NAMES for s in SPLITS])
-    extract_features(index, cache, **BACKBONE, num_workers=0, progress=False)
+    extract_all(data, cache, BACKBONE)
     return data, cache, truth
 
 

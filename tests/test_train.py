@@ -3,13 +3,10 @@ submission files, clear errors, the command lines and the papermill experiment n
 import json, os, shutil, signal, subprocess, sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from affect_nb.data import EXPR_CLASSES, AU_NAMES, frame_index
-from affect_nb.features import extract_features
 from affect_nb.cli import main_predict
 from affect_nb.config import load_checkpoint
 from affect_nb.metrics import score_videos
@@ -18,6 +15,7 @@ from affect_nb.synth import make_synthetic
 from affect_nb.params import prepare_data_dir
 from affect_nb.train import train
 from affect_nb.windows import load_split
+from trees import extract_all
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,12 +33,10 @@ def cli_args(config: dict) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     "A synthetic tree of 8 short videos (every task has train and val videos) and its features from a tiny random ViT."
-    torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("tiny")
     data, cache = base / "data", base / "features"
     make_synthetic(data, n_videos=8, n_frames=60, progress=False)
-    index = pd.concat([frame_index(data, t, s) for t in ("va", "expr", "au") for s in ("train", "val")])
-    extract_features(index, cache, **BACKBONE, num_workers=0, progress=False)
+    extract_all(data, cache, BACKBONE)
     return data, cache
 
 

@@ -49,3 +49,14 @@ def save_tiny_vit(path, seed, **kw):
     sd = m.state_dict()
     save_file(sd, str(path)) if str(path).endswith(".safetensors") else torch.save(sd, path)
     return m
+
+
+def extract_all(data, cache, backbone: dict):
+    "Cache the features of every frame of every task and split of the tree `data` in `cache`, from the backbone settings `backbone`."
+    import pandas as pd
+    import torch
+    from affect_nb.data import frame_index
+    from affect_nb.features import extract_features
+    torch.set_num_threads(1)
+    index = pd.concat([frame_index(data, t, s) for t in TASKS for s in SPLITS])
+    extract_features(index, cache, **backbone, num_workers=0, progress=False)
