@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from .data import IMAGE_DIR, ON_MISSING_IMAGES, frame_index, image_listing, list_videos, split_dir
+from .data import IMAGE_DIR, ON_MISSING_IMAGES, SPLITS, frame_index, image_listing, list_videos, split_dir
 from .features import extract_features
 from .tasks import INVALID, LABEL_SLICES, MTL, TASK_NAMES, check_option, label_columns, label_fill, valid_columns
 from .utils import path_component
@@ -242,7 +242,8 @@ def load_split(data_dir: str | Path, task: str, split: str, cache_dir: str | Pat
     else:
         names = list_videos(data_dir, task, split) if videos is None else videos
         if not names:
-            raise ValueError(f"the {split!r} split of task {task!r} is empty: no annotation file in {split_dir(data_dir, task, split)}")
+            where = split_dir(data_dir, task, split) if task != MTL else f"the {SPLITS[split]} folder of any task under {data_dir}"
+            raise ValueError(f"the {split!r} split of task {task!r} is empty: no annotation file in {where}")
         index = frame_index(data_dir, task, split, videos=names[:max_videos], on_missing_images=on_missing_images)
     kw = {k: features[k] for k in FEATURE_ARGS if k in features}
     store = extract_features(index, cache_dir, **kw, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
