@@ -14,7 +14,8 @@ from .utils import path_component
 
 # %% auto #0
 __all__ = ['TASKS', 'SPLITS', 'IMAGE_DIR', 'ON_MISSING_IMAGES', 'LAYOUT', 'EXPECTED', 'AnnotationError', 'read_annotation',
-           'split_dir', 'list_videos', 'held_out_videos', 'split_overlap', 'image_listing', 'frame_index']
+           'split_dir', 'list_videos', 'held_out_videos', 'split_overlap', 'image_listing', 'annotation_place',
+           'frame_index']
 
 # %% ../nbs/02_data.ipynb #a824536d
 TASKS = {"va": "VA_Estimation_Challenge", "expr": "EXPR_Recognition_Challenge", "au": "AU_Detection_Challenge"}
@@ -233,9 +234,9 @@ def _empty_index(task):
                          **{c: pd.Series(dtype=dtype) for c in label_columns(task)}})
 
 # %% ../nbs/02_data.ipynb #0ab5571e
-def _where(root, task, split):
-    "Where the annotation files of `task` in `split` are: its folder, or for 'mtl' the `split` folders of every task under `root`."
-    return f"the {SPLITS[split]} folders of {root}" if task == MTL else split_dir(root, task, split)
+def annotation_place(root, task, split) -> str:
+    "Where the annotation files of `task` in `split` are, for messages: its folder, or for 'mtl' the `split` folders of every task."
+    return f"the {SPLITS[split]} folders of {root}" if task == MTL else str(split_dir(root, task, split))
 
 def _chosen_videos(root, task, split, videos):
     "The videos of `task` in `split` under `root` named by `videos` (all when None), each checked to be one folder name."
@@ -245,7 +246,7 @@ def _chosen_videos(root, task, split, videos):
     available = list_videos(root, task, split)
     if videos is None: return available
     missing = sorted(set(videos) - set(available))
-    if missing: raise FileNotFoundError(f"no annotation file for video(s) {', '.join(missing)} in {_where(root, task, split)}")
+    if missing: raise FileNotFoundError(f"no annotation file for video(s) {', '.join(missing)} in {annotation_place(root, task, split)}")
     return videos
 
 def _folder_error(bad:list):
@@ -267,7 +268,7 @@ def _no_image_error(root, task, split, no_image:dict, shown=10):
     folder = Path(root)/IMAGE_DIR
     lines = [f"  {v}: {_no_image_reason(folder/v, n)}" for v, n in list(no_image.items())[:shown]]
     if len(no_image) > shown: lines.append(f"  ... and {len(no_image) - shown} more")
-    return FileNotFoundError(f"{len(no_image)} video(s) of {task} {split} ({_where(root, task, split)}) have no image "
+    return FileNotFoundError(f"{len(no_image)} video(s) of {task} {split} ({annotation_place(root, task, split)}) have no image "
                              f"for any annotated frame:\n" + "\n".join(lines) + f"\nexpected the face crops "
                              f"{os.path.join(folder, '<video>', '00001.jpg')}, 00002.jpg, ... (%05d.jpg, frame 1 first); "
                              f'on_missing_images="skip" skips such videos')

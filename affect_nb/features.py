@@ -79,14 +79,19 @@ class FeatureStore:
         has[np.asarray(info["missing"], dtype=int) - 1] = False
         return x, np.arange(1, n + 1), has
 
-    def features_for(self, video: str, frames) -> tuple[np.ndarray, np.ndarray]:
-        "(features (len(frames), D) float16, has_image) of `video` at 1-based `frames`; zeros and False beyond its images."
+    def features_for(self, video: str, frames, out: np.ndarray | None = None, has_out: np.ndarray | None = None):
+        """(features (len(frames), D) float16, has_image) of `video` at 1-based `frames`; zeros and False beyond its images.
+        Given zeroed `out` and `has_out` (e.g. a video's rows of a split's array), they are filled in place."""
         x, _, has = self.load(video)
-        frames = np.asarray(frames, dtype=int)
-        ok = (frames >= 1) & (frames <= len(has))
-        out, h = np.zeros((len(frames), x.shape[1]), np.float16), np.zeros(len(frames), bool)
-        out[ok], h[ok] = x[frames[ok] - 1], has[frames[ok] - 1]
-        return out, h
+        frames = np.asarray(frames, dtype=np.int64)
+        out = np.zeros((len(frames), x.shape[1]), np.float16) if out is None else out
+        has_out = np.zeros(len(frames), bool) if has_out is None else has_out
+        i = np.flatnonzero((frames >= 1) & (frames <= len(has)))
+        if len(i) and i[-1] - i[0] + 1 == len(i) and (np.diff(frames[i]) == 1).all():  # consecutive frames: one slice of the map
+            (a, b), (r, s) = (frames[i[0]] - 1, frames[i[-1]]), (i[0], i[-1] + 1)
+            out[r:s], has_out[r:s] = x[a:b], has[a:b]
+        elif len(i): out[i], has_out[i] = x[frames[i] - 1], has[frames[i] - 1]
+        return out, has_out
 
     def write(self, video: str, feats: np.ndarray, has_image: np.ndarray, fp: str):
         "Store `feats` (n, D) and `has_image` (n,) of `video` with fingerprint `fp`, atomically."

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
-from .data import IMAGE_DIR, ON_MISSING_IMAGES, SPLITS, frame_index, image_listing, list_videos, split_dir
+from .data import IMAGE_DIR, ON_MISSING_IMAGES, annotation_place, frame_index, image_listing, list_videos
 from .features import extract_features
 from .tasks import INVALID, LABEL_SLICES, MTL, TASK_NAMES, check_option, label_columns, label_fill, valid_columns
 from .utils import path_component
@@ -189,15 +189,8 @@ def _read_features(store, sizes: pd.Series, frames: np.ndarray) -> tuple[np.ndar
     "One float16 array (N, D) and has_image (N,) of the 1-based `frames` of the videos of `sizes` (name → rows, in order), from `store`."
     x, has_image, row = None, np.zeros(len(frames), bool), 0
     for name, n in sizes.items():
-        feats, _, has = store.load(name)  # a memory map of the video's features
-        if x is None: x = np.zeros((len(frames), feats.shape[1]), np.float16)
-        f = frames[row:row + n]
-        ok = (f >= 1) & (f <= len(has))  # beyond the stored frames: zeros, no image
-        i = np.flatnonzero(ok)
-        if len(i) and (np.diff(f[i]) == 1).all() and i[-1] - i[0] + 1 == len(i):  # stored frames a..b in rows a..b: one copy
-            a, b = row + i[0], row + i[-1] + 1
-            x[a:b], has_image[a:b] = feats[f[i[0]] - 1:f[i[-1]]], has[f[i[0]] - 1:f[i[-1]]]
-        elif len(i): x[row + i], has_image[row + i] = feats[f[i] - 1], has[f[i] - 1]
+        if x is None: x = np.zeros((len(frames), store.load(name)[0].shape[1]), np.float16)  # the size; a missing video: its error
+        store.features_for(name, frames[row:row + n], x[row:row + n], has_image[row:row + n])  # straight into the split's rows
         row += n
     return (np.zeros((0, 0), np.float16) if x is None else x), has_image
 
@@ -242,7 +235,7 @@ def load_split(data_dir: str | Path, task: str, split: str, cache_dir: str | Pat
     else:
         names = list_videos(data_dir, task, split) if videos is None else videos
         if not names:
-            where = split_dir(data_dir, task, split) if task != MTL else f"the {SPLITS[split]} folder of any task under {data_dir}"
+            where = annotation_place(data_dir, task, split)
             raise ValueError(f"the {split!r} split of task {task!r} is empty: no annotation file in {where}")
         index = frame_index(data_dir, task, split, videos=names[:max_videos], on_missing_images=on_missing_images)
     kw = {k: features[k] for k in FEATURE_ARGS if k in features}

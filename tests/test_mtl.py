@@ -73,7 +73,7 @@ def test_the_multitask_index_joins_the_planted_labels_of_each_task(mtl_tree):
 def test_an_empty_multitask_split_is_named(tmp_path):
     from affect_nb.windows import load_split
     (tmp_path / TASKS["va"] / SPLITS["train"]).mkdir(parents=True)
-    with pytest.raises(ValueError, match="the 'val' split of task 'mtl' is empty: no annotation file in the Validation_Set folder of any task"):
+    with pytest.raises(ValueError, match="the 'val' split of task 'mtl' is empty: no annotation file in the Validation_Set folders of "):
         load_split(tmp_path, "mtl", "val", tmp_path / "cache", BACKBONE, progress=False)
 
 
