@@ -290,3 +290,74 @@ print(json.dumps(dict(preds=_sha(_b), labels=_sha(FrameBrowser(data_path, task, 
     assert widget_state(page, model)["sha"] == sha, "the page shows what the kernel's browser sent"
     assert sha == ref["preds"] != ref["labels"], f"the browser's picture is the one with the predictions drawn (screenshots: {shots})"
     slide_and_check(page, area, model, picture, sha, shots / "train-predictions-browser-moved.png")
+
+
+VIDEO_NB = ROOT / "nbs" / "experiments" / "video.ipynb"
+PLAYER_STATE = """
+import hashlib, json, warnings
+from ipywidgets import Widget
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _c = Widget.widgets[{model!r}].controls
+print(json.dumps(dict(frame=_c.slider.value, info=_c.info.value, frame_sha=hashlib.sha256(_c.frame.value).hexdigest(),
+                      timeline_sha=hashlib.sha256(_c.timeline.value).hexdigest())))"""
+
+
+def cursor_column(rgb) -> int:
+    "The x of the player's red timeline cursor (RGB about (220, 0, 0)): the column with the most such pixels."
+    r, g, b = (rgb[..., i].astype(int) for i in range(3))
+    counts = ((r > 170) & (g < 70) & (b < 70)).sum(0)
+    assert counts.max() > rgb.shape[0] // 4, "no cursor on the timeline"
+    return int(counts.argmax())
+
+
+def test_video_notebook_player_follows_the_slider(lab, page, shots):
+    "The video notebook on a test video with a tiny trained run, Run All: timeline and crops inline; the player answers its slider."
+    import papermill as pm
+    sys.path.insert(0, str(ROOT / "tests"))
+    from videos import write_face_video
+    from affect_nb.synth import make_synthetic
+    from affect_nb.train import train
+    base = lab["base"]
+    make_synthetic(base / "vdata", n_videos=6, n_frames=40, progress=False)
+    tiny = {k: v for k, v in TINY.items() if k not in ("task", "probe", "browse", "backbone", "pretrained", "img_size", "pooling")}
+    train(base / "vdata", "va", base / "vrun", cache_dir=base / "vfeatures", backbone="vit_tiny_patch16_224", pretrained=False,
+          img_size=32, progress=False, feature_workers=0, **tiny)
+    clip = base / "astronaut.mp4"
+    write_face_video(clip, n_frames=50, size=(320, 240), empty=((20, 30),))
+    params = dict(video=str(clip), checkpoint=str(base / "vrun"), out_dir=str(base / "vout"), train_data=str(base / "vdata"), device="cpu")
+    pm.execute_notebook(str(VIDEO_NB), str(lab["root"] / VIDEO_NB.name), parameters=params, prepare_only=True, kernel_name="python3")
+    open_notebook(page, lab, VIDEO_NB.name, "video")
+    cells = run_all(page, timeout_s=180)
+    outs = check_outputs(cells)
+    assert sum("image/png" in o["mimes"] for _, o in outs) >= 2, "the timeline and the strip of crops are shown inline"
+    assert (base / "vout" / "predictions.csv").is_file() and (base / "vout" / "timeline.png").is_file()
+    i = next(i for i, c in enumerate(cells) if c["type"] == "code" and c["source"].lstrip().startswith("display(video_player"))
+    model = next(o["model_id"] for o in cells[i]["outputs"] if o["model_id"])
+    area = page.locator(".jp-Notebook .jp-Cell").nth(i).locator(".jp-OutputArea-output:has(.affect-player-slider)")
+    area.scroll_into_view_if_needed()
+    frame, timeline = area.locator(".affect-player-frame"), area.locator(".affect-player-timeline")
+    for img in (frame, timeline):
+        img.wait_for(state="visible", timeout=20_000)
+        page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=img.element_handle(), timeout=20_000)
+    before = json.loads(kernel(page, PLAYER_STATE.format(model=model)))
+    shown_before = (frame.evaluate(BLOB_SHA), timeline.evaluate(BLOB_SHA))
+    line_before = cursor_column(np.asarray(Image.open(io.BytesIO(timeline.screenshot())).convert("RGB")))
+    page.screenshot(path=shots / "video-player.png")
+    assert before["frame"] == 1 and "frame 1" in before["info"] and shown_before == (before["frame_sha"], before["timeline_sha"])
+    src = frame.get_attribute("src")
+    handle, track = area.locator(".noUi-handle").first, area.locator(".noUi-target").first
+    h, t = handle.bounding_box(), track.bounding_box()
+    page.mouse.move(h["x"] + h["width"] / 2, h["y"] + h["height"] / 2); page.mouse.down()
+    page.mouse.move(t["x"] + t["width"] * 0.8, h["y"] + h["height"] / 2, steps=8); page.mouse.up()
+    page.wait_for_function("([e, s]) => e.src && e.src != s", arg=[frame.element_handle(), src], timeout=15_000)
+    page.wait_for_timeout(500)
+    after = json.loads(kernel(page, PLAYER_STATE.format(model=model)))
+    shown_after = (frame.evaluate(BLOB_SHA), timeline.evaluate(BLOB_SHA))
+    line_after = cursor_column(np.asarray(Image.open(io.BytesIO(timeline.screenshot())).convert("RGB")))
+    area.screenshot(path=shots / "video-player-moved.png")
+    readout = area.locator(".widget-readout").first.inner_text().strip()
+    assert after["frame"] == int(readout) > 30, f"the slider shows {readout}, the kernel's player has frame {after['frame']}"
+    assert f"frame {after['frame']}" in after["info"] and area.locator(".affect-player-info").inner_text().startswith(f"frame {after['frame']}")
+    assert shown_after == (after["frame_sha"], after["timeline_sha"]) and shown_after[0] != shown_before[0], "the page shows the new frame"
+    assert line_after > line_before, f"the timeline cursor did not move right ({line_before} -> {line_after}; screenshots: {shots})"

@@ -80,7 +80,7 @@ def test_the_papers_ideas_import_no_loop_no_data_layer_and_no_plotting():
 
 
 def test_the_data_layer_imports_no_model_and_the_loop_no_sweep_code():
-    for m in ("data", "features", "windows"):
+    for m in ("data", "features", "windows", "decode", "detect"):
         loaded = imported_modules(m)
         assert not loaded & {"affect_nb.model", "affect_nb.masking", "affect_nb.losses", "affect_nb.train"}, (m, loaded)
     for m in ("train", "predict", "config"):
@@ -88,9 +88,9 @@ def test_the_data_layer_imports_no_model_and_the_loop_no_sweep_code():
         assert not loaded & {"affect_nb.sweep", "affect_nb.stats", "affect_nb.studies", "affect_nb.params"}, (m, loaded)
 
 
-def test_only_explore_report_and_studies_draw():
+def test_only_explore_report_studies_and_the_video_timeline_draw():
     drawing = {m for m in MODULES if imported_modules(m) & {"matplotlib", "ipywidgets", "IPython", "seaborn"}}
-    assert drawing <= {"explore", "report", "studies", "cli"}, drawing
+    assert drawing <= {"explore", "report", "studies", "cli", "timeline", "video"}, drawing
 
 
 def test_each_helper_has_one_home():
