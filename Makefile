@@ -96,11 +96,13 @@ CHECK_RUNS ?= 5
 check-reports: install
 	$(BIN)/python -m affect_nb.reproduce reports/registry.csv --runs $(CHECK_RUNS) --jobs $(REPORT_JOBS)
 
-# The three benchmarks in one go, on BENCH_DEVICE (cpu, cuda, mps; auto: the best there is): the scale of the data path (to 1.65M
+# The four benchmarks in one go, on BENCH_DEVICE (cpu, cuda, mps; auto: the best there is): the scale of the data path (to 1.65M
 # frames), the training loop against a bare forward+backward (bf16 autocast on CUDA) and the attention kernels, and feature
-# extraction against the bare backbone. Each writes reports/bench/<name>_<device>.csv (and .png); on a lent GPU: make bench BENCH_DEVICE=cuda.
+# extraction and the video pipeline (decode, detect, crop, features) against the bare backbone. Each writes reports/bench/<name>_<device>.csv
+# (and .png); on a lent GPU: make bench BENCH_DEVICE=cuda.
 BENCH_DEVICE ?= auto
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/papermill nbs/experiments/bench_scale.ipynb reports/bench/bench_scale_$(BENCH_DEVICE).ipynb -p device $(BENCH_DEVICE)
 	OMP_NUM_THREADS=1 $(BIN)/papermill nbs/experiments/bench_train.ipynb reports/bench/bench_train_$(BENCH_DEVICE).ipynb -p device $(BENCH_DEVICE)
 	$(BIN)/papermill nbs/experiments/bench_features.ipynb reports/bench/bench_features_$(BENCH_DEVICE).ipynb --cwd . -p device $(BENCH_DEVICE)
+	$(BIN)/papermill nbs/experiments/bench_video.ipynb reports/bench/bench_video_$(BENCH_DEVICE).ipynb --cwd . -p device $(BENCH_DEVICE)
