@@ -16,6 +16,7 @@ from .config import TrainConfig, checkpoint_config
 from .predict import predict, predictions_frame, task_frames, write_submissions
 from .tasks import run_tasks
 from .report import run_metrics
+from .finetune import finetune
 from .train import train
 from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, init_distributed, path_component, rank_world
 from .data import ON_MISSING_IMAGES
@@ -131,6 +132,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-missing-images", choices=ON_MISSING_IMAGES, default="error",
                    help="a video with no image for any annotated frame: error (default) or skip it")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT_DIR holds a run")
+    p.add_argument("--tune-blocks", type=int, default=0, help="fine-tune the backbone's last K blocks with the model (0: frozen features)")
+    p.add_argument("--backbone-lr", type=float, default=1e-4, help="learning rate of the tuned blocks")
+    p.add_argument("--frame-step", type=int, default=1, help="fine-tuning: every N-th image of a training window goes through the backbone")
     _add_config_options(p)
     return p
 
@@ -140,7 +144,7 @@ def main_train(argv: list[str] | None = None):
     args = vars(_train_parser().parse_args(argv))
     out_dir = args.pop("out_dir") or Path("reports") / f"train-{args['task']}"
     data_dir, resume = args.pop("data_dir"), not args.pop("no_resume")
-    result = train(data_dir, out_dir=out_dir, resume=resume, **args)
+    result = finetune(data_dir, out_dir=out_dir, resume=resume, **args)  # with --tune-blocks 0, `train` (frozen features)
     if rank_world()[0] == 0:
         params = dict(data_dir=str(data_dir), out_dir=str(out_dir), **{k: str(v) if isinstance(v, Path) else v for k, v in args.items()})
         metrics = run_metrics(result, params)

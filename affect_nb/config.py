@@ -5,7 +5,7 @@
 # %% ../nbs/13_config.ipynb #329b6d94
 from __future__ import annotations
 import json, math, types, typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from .losses import LOSSES, TASK_WEIGHTINGS, check_focal_alpha
 from .masking import MASK_MODES
 from .model import POSITIONS, SequenceModel
 from .tasks import MTL, RUN_TASKS, TASK_NAMES, check_option
-from .utils import atomic_write, atomic_write_text, check_device, get_device, jsonable
+from .utils import atomic_write, atomic_write_text, check_device, get_device, jsonable, path_component
 
 # %% auto #0
 __all__ = ['int_setting', 'TrainConfig', 'check_params', 'save_checkpoint', 'checkpoint_config', 'read_weights',
@@ -198,6 +198,11 @@ def _read_config(path: Path) -> TrainConfig:
     try: cfg = TrainConfig.from_dict(d)
     except (TypeError, ValueError) as e: raise ValueError(f"checkpoint config {f}: {e}") from None
     if cfg.in_dim is None: raise ValueError(f"checkpoint config {f} has no in_dim (the feature size the weights expect)")
+    weights = cfg.features.get("weights")
+    if isinstance(weights, str) and not Path(weights).is_absolute():  # a file inside the checkpoint folder: a fine-tuned backbone
+        try: name = path_component(weights, "the backbone weights file")
+        except ValueError as e: raise ValueError(f"checkpoint config {f}: {e}") from None
+        cfg = replace(cfg, features={**cfg.features, "weights": str(path / name)})
     return cfg
 
 def checkpoint_config(path: str | Path) -> TrainConfig:

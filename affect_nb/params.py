@@ -13,8 +13,8 @@ from .synth import make_synthetic
 from .utils import os_error, repo_root
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA_DIR', 'TRAIN_SETTINGS', 'FEATURE_PARAMS', 'EXPERIMENT_PARAMS', 'resolve_path', 'prepare_data_dir',
-           'notebook_parameters', 'load_preset']
+__all__ = ['DEFAULT_DATA_DIR', 'TRAIN_SETTINGS', 'FEATURE_PARAMS', 'FINETUNE_PARAMS', 'EXPERIMENT_PARAMS', 'resolve_path',
+           'prepare_data_dir', 'notebook_parameters', 'load_preset']
 
 # %% ../nbs/18_params.ipynb #db6d8dab
 DEFAULT_DATA_DIR = "data/synthetic"
@@ -38,7 +38,8 @@ def prepare_data_dir(data_dir: str | Path, root: Path | None = None, synth_video
 # %% ../nbs/18_params.ipynb #aa7e149c
 TRAIN_SETTINGS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("task", "in_dim", "features"))
 FEATURE_PARAMS = ("backbone", "pretrained", "weights", "img_size", "pooling", "feature_batch_size")
-EXPERIMENT_PARAMS = ("task", "data_dir", "out_dir", "cache_dir", *FEATURE_PARAMS, *TRAIN_SETTINGS,
+FINETUNE_PARAMS = ("tune_blocks", "backbone_lr", "frame_step")  # affect_nb.finetune's: 0 blocks is the frozen-feature training
+EXPERIMENT_PARAMS = ("task", "data_dir", "out_dir", "cache_dir", *FEATURE_PARAMS, *TRAIN_SETTINGS, *FINETUNE_PARAMS,
                      "max_videos", "synth_videos", "synth_frames", "probe", "browse")
 
 # %% ../nbs/18_params.ipynb #16b56483
