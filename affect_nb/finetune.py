@@ -274,7 +274,8 @@ def finetune(data_dir: str | Path, task: str = "va", out_dir: str | Path = "repo
                      resume=resume, progress=progress, **config)
     backbone_lr = _float_setting("backbone_lr", backbone_lr, lambda x: 0 < x < float("inf"), "greater than 0")
     frozen_cache_gb = _float_setting("frozen_cache_gb", frozen_cache_gb, lambda x: 0 <= x < float("inf"), "at least 0")
-    if rank_world(from_env=True)[1] > 1: raise ValueError("finetune runs in one process: data-parallel (torchrun) fine-tuning is not there yet")
+    if rank_world(from_env=True)[1] > 1:
+        raise ValueError("finetune runs in one process: data-parallel (torchrun) fine-tuning is not there yet")
     unknown = sorted(set(config) - ({f.name for f in fields(TrainConfig)} - {"in_dim", "features"}))
     if unknown: raise ValueError(f"unknown setting(s) {', '.join(unknown)}; the settings are the TrainConfig fields")
     cfg, data_dir, out_dir = TrainConfig(task=task, **config), Path(data_dir), Path(out_dir)
