@@ -17,7 +17,6 @@ from .predict import predict, predictions_frame, task_frames, write_submissions
 from .tasks import run_tasks
 from .report import run_metrics
 from .finetune import finetune
-from .train import train
 from .utils import atomic_write, atomic_write_text, check_writable, command, get_device, init_distributed, path_component, rank_world
 from .data import ON_MISSING_IMAGES
 

@@ -23,7 +23,8 @@ from .metrics import score_videos, tune_video_thresholds
 from .model import SequenceModel
 from .predict import _autocast, predict_videos
 from .tasks import MTL
-from .train import FitResult, RunState, _check_run, _criterion, _load_last, _rng_state, _set_rng_state, _torch_save, train
+from .train import (FitResult, RunState, _check_run, _criterion, _history_row, _load_last, _rng_state, _set_rng_state, _torch_save,
+                            train)
 from .utils import atomic_write, get_device, jsonable, rank_world, seed_everything
 from .windows import FEATURE_ARGS, Videos, WindowBatches, feature_stats, load_split, to_device, train_windows
 
@@ -232,9 +233,8 @@ def _epoch(run: _Run, state: RunState, epoch: int, progress: bool):
     train_seconds = time.perf_counter() - start
     val, scores = _validate(run)
     measures = score_videos(run.cfg.task, val, scores)
-    parts = {f"val_{k}": v for k, v in measures.items() if k != "P" and np.isscalar(v)}
-    state.history.append(dict(epoch=epoch, train_loss=loss, val_P=measures["P"], **parts, seconds=time.perf_counter() - start,
-                              train_windows_per_s=n_windows / train_seconds))
+    seconds = time.perf_counter() - start
+    state.history.append(_history_row(run.cfg, run.criterion, epoch, loss, measures, seconds, n_windows / train_seconds))
     if state.update(epoch, measures["P"]):
         state.best_weights = run.weights()
         _save_best(run, epoch, measures["P"], val, scores)

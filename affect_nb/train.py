@@ -199,6 +199,13 @@ def _save_last(run: _Run, state: RunState):
     atomic_write(run.out_dir / "last.pt", lambda p: _torch_save(last, p))
     atomic_write(run.out_dir / "history.csv", lambda p: pd.DataFrame(state.history).to_csv(p, index=False))
 
+def _history_row(cfg: TrainConfig, criterion: nn.Module, epoch: int, loss: float, measures: dict, seconds: float,
+                 windows_per_s: float) -> dict:
+    "The history.csv row of an `epoch`: training loss, validation P and its parts, an 'mtl' loss's learned task weights, time and speed."
+    parts = {f"val_{k}": v for k, v in measures.items() if k != "P" and np.isscalar(v)}
+    weights = {f"weight_{t}": w for t, w in criterion.task_weights().items()} if cfg.task == MTL else {}
+    return dict(epoch=epoch, train_loss=loss, val_P=measures["P"], **parts, **weights, seconds=seconds, train_windows_per_s=windows_per_s)
+
 def _epoch(run: _Run, state: RunState, val_videos: list[Video], epoch: int, progress: bool):
     "Train one `epoch`, validate, keep the best weights in `state` (and the checkpoint), save the run."
     start = time.perf_counter()
@@ -206,10 +213,8 @@ def _epoch(run: _Run, state: RunState, val_videos: list[Video], epoch: int, prog
     train_seconds = time.perf_counter() - start
     scores = _validation_scores(run, val_videos)
     measures = score_videos(run.cfg.task, val_videos, scores)
-    parts = {f"val_{k}": v for k, v in measures.items() if k != "P" and np.isscalar(v)}
-    weights = {f"weight_{t}": w for t, w in run.criterion.task_weights().items()} if run.cfg.task == MTL else {}
-    state.history.append(dict(epoch=epoch, train_loss=loss, val_P=measures["P"], **parts, **weights, seconds=time.perf_counter() - start,
-                              train_windows_per_s=n_windows / train_seconds))
+    seconds = time.perf_counter() - start
+    state.history.append(_history_row(run.cfg, run.criterion, epoch, loss, measures, seconds, n_windows / train_seconds))
     if state.update(epoch, measures["P"]):
         state.best_weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
         has_au = run.cfg.task in ("au", MTL)
